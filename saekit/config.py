@@ -1,0 +1,151 @@
+"""Run configuration: one dataclass whose field docstrings are the command line's --help, and presets.
+
+A preset is data: a name and the fields it changes from the defaults. The defaults themselves
+are UFLDL's sparse autoencoder exercise (8x8 natural-image patches, 25 hidden units).
+"""
+
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    data: str = "natural-patches"
+    """Training data: 'natural-patches' (whitened photographs bundled with scikit-image, or IMAGES.mat with --images-mat)."""
+    images_mat: str | None = None
+    """Path to UFLDL's IMAGES.mat (512x512x10 whitened images); patches are then sampled from it."""
+    n_examples: int = 10000
+    """Number of training examples (patches sampled from the images)."""
+    patch_size: int = 8
+    """Side of the square image patches, in pixels."""
+    # --- model
+    n_hidden: int = 25
+    """Number of hidden units (the size of the sparse code)."""
+    activation: str = "sigmoid"
+    """Hidden activation: 'sigmoid' (UFLDL) or 'relu'."""
+    output: str = "sigmoid"
+    """Output activation: 'sigmoid' (UFLDL; inputs must lie in [0, 1]) or 'linear'."""
+    # --- cost
+    weight_decay: float = 1e-4
+    """lambda: weight decay (lambda/2)(||W1||^2 + ||W2||^2); biases carry none."""
+    rho: float = 0.01
+    """Sparsity target: the mean activation each hidden unit should have, in (0, 1)."""
+    beta: float = 3.0
+    """Weight of the sparsity penalty beta * sum_j KL(rho || rho_hat_j); 0 turns it off."""
+    # --- optimisation
+    optimizer: str = "lbfgs"
+    """'lbfgs' (full batch, as UFLDL's minFunc), 'adam' or 'sgd' (minibatches)."""
+    max_iter: int = 400
+    """L-BFGS iterations."""
+    lbfgs_memory: int = 100
+    """L-BFGS history length (minFunc's default is 100)."""
+    epochs: int = 20
+    """Passes over the data for minibatch training (adam, sgd)."""
+    batch_size: int = 256
+    """Examples per minibatch (adam, sgd)."""
+    lr: float = 1e-3
+    """Learning rate (adam, sgd)."""
+    rho_momentum: float = 0.9
+    """Minibatch training: weight of the old value in the running estimate of rho_hat."""
+    # --- run
+    dtype: str = "float64"
+    """Floating-point type of the model and the data: 'float64' or 'float32'."""
+    device: str = "cpu"
+    """Torch device: 'cpu' or 'cuda'."""
+    seed: int = 0
+    """Random seed: fixes the data sample, the initial weights and the minibatch order."""
+
+    def __post_init__(self):
+        problems = []
+        positive_ints = ("n_examples", "patch_size", "n_hidden", "max_iter", "lbfgs_memory", "epochs", "batch_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"--{dashed(name)} must be a whole number >= 1 (got {value!r})")
+        if not 0 < self.rho < 1:
+            problems.append(f"--rho must lie strictly between 0 and 1 (got {self.rho})")
+        for name in ("beta", "weight_decay"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                problems.append(f"--{dashed(name)} must be >= 0 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if not 0 <= self.rho_momentum < 1:
+            problems.append(f"--rho-momentum must lie in [0, 1) (got {self.rho_momentum})")
+        choices = {
+            "data": ("natural-patches",),
+            "activation": ("sigmoid", "relu"),
+            "output": ("sigmoid", "linear"),
+            "optimizer": ("lbfgs", "adam", "sgd"),
+            "dtype": ("float64", "float32"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"--{dashed(name)} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if problems:
+            raise UserError("invalid configuration: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@functools.cache
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (they become --help)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+PRESETS: dict[str, dict] = {
+    "ufldl-patches": {},  # the defaults: UFLDL's sparse autoencoder exercise
+    "ufldl-patches-adam": {"optimizer": "adam", "epochs": 200, "batch_size": 500, "lr": 1e-2},
+}
+PRESET_HELP = {
+    "ufldl-patches": "UFLDL's exercise: 10,000 8x8 whitened natural-image patches, 64-25-64, lambda 1e-4, beta 3, rho 0.01, 400 L-BFGS iterations.",
+    "ufldl-patches-adam": "The same problem trained with minibatch Adam and a running estimate of rho_hat.",
+}
+
+
+def build_config(preset: str = "ufldl-patches", config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the preset, then a JSON config file, then command-line overrides."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; `saekit presets` lists them: {', '.join(PRESETS)}.")
+    values = dict(PRESETS[preset])
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update(overrides or {})
+    return TrainConfig(**values)
+
+
+def read_config_file(path: str) -> dict:
+    """A JSON object of TrainConfig fields (a run folder's config.json works too)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; give the path of a JSON file of settings.")
+    try:
+        values = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {p} is not valid JSON ({e}); fix or regenerate it.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {p} must hold a JSON object of settings.")
+    values = values.get("config", values)  # a run folder's config.json nests the settings
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config file {p} has unknown settings {unknown}; known settings are {sorted(known)}.")
+    return values

@@ -1,0 +1,72 @@
+"""Sparsity penalties and weight decay: the terms added to the reconstruction error.
+
+The classic term is UFLDL's  beta * sum_j KL(rho || rho_hat_j),  where rho_hat_j is hidden
+unit j's mean activation. Everything here works on torch tensors and is differentiable by
+autograd; the closed-form gradient of the classic cost lives in `saekit.classic`.
+"""
+
+import torch
+
+# rho_hat is kept this far inside (0, 1) so that KL(rho || rho_hat) and its derivative stay
+# finite when a sigmoid unit saturates (rho_hat -> 0 or 1); far below anything that matters.
+RHO_HAT_MARGIN = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def clamp_rho_hat(rho_hat: torch.Tensor) -> torch.Tensor:
+    eps = RHO_HAT_MARGIN.get(rho_hat.dtype, 1e-6)
+    return rho_hat.clamp(eps, 1 - eps)
+
+
+def kl_divergence(rho: float, rho_hat: torch.Tensor) -> torch.Tensor:
+    """KL(rho || rho_hat) between Bernoulli(rho) and Bernoulli(rho_hat_j), per unit: (n_hidden,)."""
+    rho_hat = clamp_rho_hat(rho_hat)
+    return rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+
+
+def kl_derivative(rho: float, rho_hat: torch.Tensor) -> torch.Tensor:
+    """d KL(rho || rho_hat_j) / d rho_hat_j = -rho/rho_hat_j + (1-rho)/(1-rho_hat_j): (n_hidden,).
+
+    This is the term UFLDL adds (times beta) to delta2 in back-propagation.
+    """
+    rho_hat = clamp_rho_hat(rho_hat)
+    return -rho / rho_hat + (1 - rho) / (1 - rho_hat)
+
+
+def weight_decay(lambda_: float, *weights: torch.Tensor) -> torch.Tensor:
+    """(lambda/2) * sum of squared weights; biases are not passed in, so they carry no decay."""
+    return 0.5 * lambda_ * sum((w * w).sum() for w in weights)
+
+
+class RunningRhoHat:
+    """A running estimate of rho_hat for minibatch training (seed 002's "too large for memory" case).
+
+    The exact KL gradient needs rho_hat over the whole training set, which a minibatch does
+    not have. Instead of UFLDL's two passes over the data per step, we keep an exponential
+    moving average of the batch means (`momentum` is the weight of the old estimate) and use
+    the surrogate  beta * sum_j KL'(rho_hat_run_j) * mean_batch(a_j):  its gradient is KL's
+    derivative taken at the running estimate times the gradient of the batch mean, an unbiased
+    estimate of the gradient of rho_hat. The reported penalty uses the running estimate.
+    """
+
+    def __init__(self, n_hidden: int, momentum: float = 0.9):
+        self.momentum = momentum
+        self.rho_hat: torch.Tensor | None = None  # (n_hidden,), None until the first batch
+        self.n_hidden = n_hidden
+
+    def state_dict(self) -> dict:
+        return {"rho_hat": self.rho_hat}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rho_hat = state["rho_hat"]
+
+    def penalty(self, h: torch.Tensor, rho: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value)."""
+        batch_mean = h.mean(0)
+        with torch.no_grad():
+            if self.rho_hat is None:
+                self.rho_hat = batch_mean.detach().clone()
+            else:
+                self.rho_hat.mul_(self.momentum).add_(batch_mean.detach(), alpha=1 - self.momentum)
+            slope = kl_derivative(rho, self.rho_hat)
+            reported = beta * kl_divergence(rho, self.rho_hat).sum()
+        return beta * (slope * batch_mean).sum(), reported
