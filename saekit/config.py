@@ -39,7 +39,9 @@ class TrainConfig:
     rho: float = 0.01
     """Sparsity target: the mean activation each hidden unit should have, in (0, 1)."""
     beta: float = 3.0
-    """Weight of the sparsity penalty beta * sum_j KL(rho || rho_hat_j); 0 turns it off."""
+    """Weight of the sparsity penalty (see --penalty); 0 turns it off."""
+    penalty: str = "kl"
+    """Sparsity penalty: 'kl' (beta * sum_j KL(rho || rho_hat_j)), 'l1' (beta * mean_i ||h_i||_1) or 'none'."""
     # --- optimisation
     optimizer: str = "lbfgs"
     """'lbfgs' (full batch, as UFLDL's minFunc), 'adam' or 'sgd' (minibatches)."""
@@ -83,12 +85,15 @@ class TrainConfig:
             "data": ("natural-patches",),
             "activation": ("sigmoid", "relu"),
             "output": ("sigmoid", "linear"),
+            "penalty": ("kl", "l1", "none"),
             "optimizer": ("lbfgs", "adam", "sgd"),
             "dtype": ("float64", "float32"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"--{dashed(name)} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.penalty == "kl" and self.activation != "sigmoid":
+            problems.append("--penalty kl needs --activation sigmoid (rho_hat must be a mean firing rate in (0, 1)); use --penalty l1 with relu")
         if problems:
             raise UserError("invalid configuration: " + "; ".join(problems) + ".")
 

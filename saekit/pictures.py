@@ -113,16 +113,17 @@ def tile_filters(W, image_shape=None, scale_each=True, padding=1, order="C") -> 
 
 def _shared_grey(tiles: np.ndarray, low, high) -> np.ndarray:
     """Tiles -> uint8 with one scale for all: low -> 0, high -> 255 (default: data min, max).
-    Values outside [low, high] are clipped; constant data shows mid-grey."""
+    Values outside [low, high] are clipped; constant data with no bounds given is mid-grey."""
     if (low is not None and not np.isfinite(low)) or (high is not None and not np.isfinite(high)):
         raise UserError(f"low and high must be finite numbers; got low={low!r}, high={high!r}")
-    if low is not None and high is not None and not high > low:
-        raise UserError(f"high must be greater than low; got low={low!r}, high={high!r}")
-    low = tiles.min() if low is None else float(low)
-    high = tiles.max() if high is None else float(high)
-    if not high > low:  # constant data (or a one-sided bound beyond it): nothing to spread
+    lo = tiles.min() if low is None else float(low)
+    hi = tiles.max() if high is None else float(high)
+    if hi > lo:
+        return _to_grey(np.clip(2 * (tiles - lo) / (hi - lo) - 1, -1, 1))
+    if low is None and high is None:  # constant data: nothing to spread
         return _to_grey(np.zeros_like(tiles))
-    return _to_grey(np.clip(2 * (tiles - low) / (high - low) - 1, -1, 1))
+    raise UserError(f"the grey range from low={lo:g} to high={hi:g} is empty; pass both low "
+                    f"and high with high > low")
 
 
 def tile_images(X, image_shape=None, order="C", low=None, high=None, padding=1) -> np.ndarray:
@@ -194,6 +195,12 @@ def _text_size(font, text: str) -> tuple[int, int]:
     return right - left, bottom - top
 
 
+def _line_height(font) -> int:
+    """Height of a line of text drawn from its ascender ("a" anchors) to its descender."""
+    ascent, descent = font.getmetrics()
+    return ascent + descent
+
+
 def _vertical_text(img: Image.Image, center: tuple[float, float], text: str, font, fill):
     """Draw `text` rotated 90 degrees (reading bottom to top) centred on `center`."""
     left, top, right, bottom = font.getbbox(text)
@@ -211,36 +218,52 @@ def _nice_step(span: float, n_ticks: int) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
 
 
-def _format(value: float, step: float) -> str:
-    """A tick label with as many decimals as the step needs, or 3 significant digits."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e6 or step < 1e-3:
-        return f"{value:.3g}"
-    return f"{value:.{max(0, -math.floor(math.log10(step) + 1e-9))}f}"
+def _compact(text: str) -> str:
+    """1e+06 -> 1e6, 5e-08 -> 5e-8, 2e+00 -> 2: exponents without sign and zero padding."""
+    text = text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+    return text[:-2] if text.endswith("e0") else text
 
 
-def _format_decade(k: int) -> str:
-    return f"{10.0 ** k:g}" if abs(k) <= 3 else f"1e{k}"
+def _linear_labels(values: list[float], step: float) -> list[str]:
+    """Labels for ticks `step` apart: decimals as many as the step needs, or, for huge or
+    tiny numbers, scientific notation with just enough digits to tell neighbours apart."""
+    top = max(abs(v) for v in values)
+    if top < 1e6 and step >= 1e-3:
+        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+        return [f"{v:.{decimals}f}" for v in values]
+    digits = max(1, math.floor(math.log10(top)) - math.floor(math.log10(step) + 1e-9) + 1)
+    return [_compact(f"{v:.{digits}g}") for v in values]
+
+
+def _log_labels(values: list[float]) -> list[str]:
+    """Labels for 1, 2, 5 times powers of ten: 0.01 ... 5000, or all as 1e-6 ... 1e0 once any
+    is outside that range, so one axis never mixes the two styles."""
+    if all(1e-3 <= v < 1e4 for v in values):
+        return [f"{v:g}" for v in values]
+    return [_compact(f"{v:.0e}") for v in values]
 
 
 def _ticks(lo: float, hi: float, log=False, integer=False) -> list[tuple[float, str]]:
-    """About five ticks (position, label) within [lo, hi].
+    """About six ticks (position, label) within [lo, hi]. `integer` keeps steps >= 1 (counts).
 
-    On a log axis positions are log10 values: whole decades when at least two fit, else
-    round values of 10**position placed at their logs. `integer` keeps steps >= 1 (counts).
+    On a log axis positions are log10 values: whole decades when three fit, else 1, 2 and 5
+    times each decade, else (less than about half a decade) round values of 10**position
+    placed at their logs.
     """
-    if log and math.floor(hi) - math.ceil(lo) >= 1:
-        step = max(1, math.ceil((hi - lo) / 6))
-        return [(k, _format_decade(k)) for k in range(math.ceil(lo), math.floor(hi) + 1)
-                if k % step == 0]
     if log:
+        step = max(1, math.ceil((hi - lo) / 6))
+        for mults in ((1,), (1, 2, 5)):
+            logs = [k + math.log10(m) for k in range(math.floor(lo), math.ceil(hi) + 1)
+                    if k % step == 0 for m in mults if lo <= k + math.log10(m) <= hi]
+            if len(logs) >= 3:
+                return list(zip(logs, _log_labels([10.0 ** t for t in logs])))
         return [(math.log10(v), label) for v, label in _ticks(10.0 ** lo, 10.0 ** hi) if v > 0]
-    step = _nice_step(hi - lo, 5)
+    step = _nice_step(hi - lo, 6)
     if integer:
         step = max(step, 1.0)
     first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
-    return [(k * step, _format(k * step, step)) for k in range(first, last + 1)]
+    values = [k * step for k in range(first, last + 1)]
+    return list(zip(values, _linear_labels(values, step)))
 
 
 def _limits(values: np.ndarray, margin: float, log=False) -> tuple[float, float]:
@@ -274,17 +297,17 @@ def _title(draw: ImageDraw.ImageDraw, width: int, top: int, text: str, font) -> 
     if not text:
         return top
     draw.text((width / 2, top), text, font=font, fill=_INK, anchor="ma")
-    return top + _text_size(font, "Hg")[1] + font.size // 2
+    return top + _line_height(font) + font.size // 2
 
 
-def _axes(img: Image.Image, box, xlim, ylim, xlabel="", ylabel="", x_log=False, y_log=False,
-          y_integer=False, font=None):
+def _axes(img: Image.Image, box, font, xlim, ylim, xlabel="", ylabel="", x_log=False,
+          y_log=False, y_integer=False):
     """Draw a plot frame with grid lines, ticks and labels filling `box` (left, top, right,
     bottom), and return to_px(x, y) -> pixel coordinates of data points (log axes take
     log10 values)."""
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = box
-    line_h = _text_size(font, "Hg")[1]
+    line_h = _line_height(font)
     gap = font.size // 2
     x_ticks = _ticks(*xlim, log=x_log)
     y_ticks = _ticks(*ylim, log=y_log, integer=y_integer)
@@ -332,7 +355,7 @@ def _xy(values, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, font) -> int:
     """Draw a colour key for `names`, centred, wrapping onto more rows; return y below it."""
-    line_h = _text_size(font, "Hg")[1]
+    line_h = _line_height(font)
     swatch, gap = 2 * font.size, font.size
     items = [(name, swatch + gap // 2 + _text_size(font, name)[0]) for name in names]
     rows, row = [], []
@@ -347,7 +370,7 @@ def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, f
         cy = top + line_h / 2
         for item_index, name, w in r:
             colour = _PALETTE[item_index % len(_PALETTE)]
-            draw.line([(x, cy), (x + swatch, cy)], fill=colour, width=3)
+            draw.line([(x, cy), (x + swatch, cy)], fill=colour, width=max(3, font.size // 5))
             draw.text((x + swatch + gap // 2, cy), name, font=font, fill=_INK, anchor="lm")
             x += w + gap
         top += line_h + gap // 2
@@ -380,8 +403,8 @@ def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=
     draw = ImageDraw.Draw(img)
     top = _title(draw, width, font.size // 2, title, title_font)
     top = _legend(draw, [str(name) for name in series], width, top, font)
-    to_px = _axes(img, (0, top, width, height), _limits(xs, 0.02), _limits(ts, 0.05, log_y),
-                  xlabel, ylabel, y_log=log_y, font=font)
+    to_px = _axes(img, (0, top, width, height), font, _limits(xs, 0.02),
+                  _limits(ts, 0.05, log_y), xlabel, ylabel, y_log=log_y)
     radius = max(2, font.size // 5)
     for i, (x, t, keep) in enumerate(curves):
         colour = _PALETTE[i % len(_PALETTE)]
@@ -393,8 +416,8 @@ def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=
                 draw.ellipse([px[start] - radius, py[start] - radius,
                               px[start] + radius, py[start] + radius], fill=colour)
             else:
-                draw.line(list(zip(px[start:stop], py[start:stop])), fill=colour, width=2,
-                          joint="curve")
+                draw.line(list(zip(px[start:stop], py[start:stop])), fill=colour,
+                          width=max(2, font.size // 7), joint="curve")
     return np.asarray(img)
 
 
@@ -440,17 +463,15 @@ def histogram_chart(values, bins=50, title="", xlabel="", log_x=False, width=800
     total = int(counts.sum()) + n_neg_inf
     note = f"{n_neg_inf} of {total} values are {'0' if log_x else '-inf'} (not drawn)"
     draw.text((width / 2, top), note, font=font, fill=_INK, anchor="ma")
-    top += _text_size(font, "Hg")[1] + font.size
+    top += _line_height(font) + font.size
     ylim = (0.0, max(1, int(counts.max(initial=0))) * 1.08)
-    to_px = _axes(img, (0, top, width, height), _limits(edges, 0.02, log_x), ylim, xlabel,
-                  "count", x_log=log_x, y_integer=True, font=font)
+    to_px = _axes(img, (0, top, width, height), font, _limits(edges, 0.02, log_x), ylim,
+                  xlabel, "count", x_log=log_x, y_integer=True)
     px, _ = to_px(edges, 0)
     _, py = to_px(0, counts)
     _, base = to_px(0, 0)
     for i in np.flatnonzero(counts):
-        # A one-pixel gap between bars when they are wide enough to spare it.
-        right = px[i + 1] - 1 if px[i + 1] - px[i] >= 4 else px[i + 1]
-        draw.rectangle([px[i], py[i], right, base], fill=_PALETTE[0])
+        draw.rectangle([px[i], py[i], px[i + 1], base], fill=_PALETTE[0])
     return np.asarray(img)
 
 
@@ -462,9 +483,10 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
     """A confusion matrix (k, k) of counts, rows = true class, columns = predicted, as an
     RGB picture uint8 whose size follows k and the label lengths.
 
-    Each cell is shaded by its share of its row (white 0 -> dark blue 1: the fraction of
-    that true class predicted as the column's class, so small classes show as clearly as
-    big ones) and shows its count. The title ends with the overall accuracy.
+    Each cell shows its count and is shaded by its share of its row, the fraction of that
+    true class predicted as the column's class (so small classes show as clearly as big
+    ones): white at 0 to dark blue at 1, through the square root of the share so that a
+    2% confusion is still visibly tinted. The title ends with the overall accuracy.
     """
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
@@ -472,7 +494,7 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
     if not (np.isfinite(cm).all() and (cm >= 0).all() and (cm == np.round(cm)).all()):
         raise UserError("confusion matrix must hold whole counts >= 0")
     cm = cm.astype(np.int64)
-    k, total = len(cm), int(cm.sum())
+    k, total, correct = len(cm), int(cm.sum()), int(np.trace(cm))
     if total == 0:
         raise UserError("confusion matrix is all zeros: there are no predictions to show")
     names = [str(c) for c in range(k)] if class_names is None else [str(c) for c in class_names]
@@ -480,43 +502,43 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
         raise UserError(f"class_names has {len(names)} names for a {k}x{k} confusion matrix; "
                         f"give one name per class")
     row_sums = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0)
+    shade = np.sqrt(np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0))
+    colours = np.rint(_CM_LOW + shade[..., None] * (_CM_HIGH - _CM_LOW)).astype(int)
 
     font, title_font = _font(14), _font(18)
-    line_h = _text_size(font, "Hg")[1]
-    gap = 8
+    line_h, gap = _line_height(font), 8
     cell = max(36, max(_text_size(font, str(c))[0] for c in cm.ravel()) + 12)
     name_w = max(_text_size(font, s)[0] for s in names)
     vertical_names = name_w > cell - 4  # too wide to sit above their columns: stand them up
-    heading = f"{title}: accuracy {100 * np.trace(cm) / total:.2f}% ({np.trace(cm)} of {total})"
-    # Left to right: margin, "true class" (vertical), row names, grid. Top to bottom:
-    # margin, title, "predicted class", column names, grid.
-    grid_x = gap + line_h + gap + name_w + gap
-    grid_y = (gap + _text_size(title_font, "Hg")[1] + 2 * gap + line_h + gap
-              + (name_w if vertical_names else line_h) + gap)
-    width = max(grid_x + k * cell + 2 * gap, _text_size(title_font, heading)[0] + 2 * gap)
-    height = grid_y + k * cell + 2 * gap
+    heading = f"{title}: accuracy {100 * correct / total:.2f}% ({correct} of {total})"
+    # Left to right: "true class" (vertical), row names, grid, centred on the canvas.
+    # Top to bottom: title, "predicted class", column names, grid.
+    block_w = line_h + gap + name_w + gap + k * cell
+    width = max(block_w, _text_size(title_font, heading)[0]) + 4 * gap
+    x_true = (width - block_w) // 2
+    grid_x = x_true + line_h + gap + name_w + gap
+    y_predicted = 2 * gap + _line_height(title_font) + 2 * gap
+    grid_y = y_predicted + line_h + gap + (name_w if vertical_names else line_h) + gap
+    height = grid_y + k * cell + 3 * gap
     img = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(img)
-    draw.text((width / 2, gap), heading, font=title_font, fill=_INK, anchor="ma")
-    grid_mid_x, grid_mid_y = grid_x + k * cell / 2, grid_y + k * cell / 2
-    label_top = gap + _text_size(title_font, "Hg")[1] + 2 * gap
-    draw.text((grid_mid_x, label_top), "predicted class", font=font, fill=_INK, anchor="ma")
-    _vertical_text(img, (gap + line_h / 2, grid_mid_y), "true class", font, _INK)
-    colours = np.rint(_CM_LOW + share[..., None] * (_CM_HIGH - _CM_LOW)).astype(int)
+    draw.text((width / 2, 2 * gap), heading, font=title_font, fill=_INK, anchor="ma")
+    draw.text((grid_x + k * cell / 2, y_predicted), "predicted class", font=font, fill=_INK,
+              anchor="ma")
+    _vertical_text(img, (x_true + line_h / 2, grid_y + k * cell / 2), "true class", font, _INK)
     for i in range(k):
-        name_mid = grid_y + (i + 0.5) * cell
-        draw.text((grid_x - gap, name_mid), names[i], font=font, fill=_INK, anchor="rm")
-        col_mid = grid_x + (i + 0.5) * cell
+        middle = (i + 0.5) * cell
+        draw.text((grid_x - gap, grid_y + middle), names[i], font=font, fill=_INK, anchor="rm")
         if vertical_names:
             w = _text_size(font, names[i])[0]
-            _vertical_text(img, (col_mid, grid_y - gap - w / 2), names[i], font, _INK)
+            _vertical_text(img, (grid_x + middle, grid_y - gap - w / 2), names[i], font, _INK)
         else:
-            draw.text((col_mid, grid_y - gap), names[i], font=font, fill=_INK, anchor="md")
+            draw.text((grid_x + middle, grid_y - gap), names[i], font=font, fill=_INK,
+                      anchor="md")
         for j in range(k):
             x, y = grid_x + j * cell, grid_y + i * cell
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(colours[i, j]))
-            ink = _WHITE if share[i, j] > 0.5 else _INK
+            ink = _WHITE if shade[i, j] > 0.6 else _INK
             draw.text((x + cell / 2, y + cell / 2), str(cm[i, j]), font=font, fill=ink,
                       anchor="mm")
     draw.rectangle([grid_x - 1, grid_y - 1, grid_x + k * cell, grid_y + k * cell], outline=_INK)

@@ -1,0 +1,132 @@
+"""The run folder: the one format every run writes and every reader reads.
+
+    RUN/config.json          the full TrainConfig, library versions, command line, time
+    RUN/weights.safetensors  the model's parameters; its metadata says how to rebuild the model
+    RUN/metrics.json         final metrics (cost and its terms, rho_hat statistics, errors)
+    RUN/history.csv          one row per iteration or epoch
+    RUN/state.json           training progress, for --resume
+    RUN/*.png                pictures (see saekit.reports)
+
+Every file is written to a temporary name in the folder, then renamed, so a crash or Ctrl-C
+never leaves a half-written file behind.
+"""
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import scipy
+import torch
+
+from . import __version__
+from .config import TrainConfig, read_config_file
+from .errors import UserError
+from .model import SparseAutoencoder
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def atomic_write(path, data: bytes) -> Path:
+    """Write bytes to path through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; is {path.parent} a saekit run folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); the run folder cannot be read.") from None
+
+
+def versions() -> dict:
+    return {
+        "saekit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "scipy": scipy.__version__, "safetensors": safetensors.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def new_run_dir(out: str | None, name: str) -> Path:
+    """RUN folder: `out`, or runs/<name>-<time>. It must not already hold a run."""
+    run_dir = Path(out) if out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume {run_dir}.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_config(run_dir, cfg: TrainConfig, preset: str) -> Path:
+    record = {"config": cfg.to_dict(), "preset": preset, "versions": versions(), "command": sys.argv,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return write_json(Path(run_dir) / "config.json", record)
+
+
+def load_config(run_dir) -> TrainConfig:
+    return TrainConfig(**read_config_file(str(Path(run_dir) / "config.json")))
+
+
+def save_model(run_dir, model: SparseAutoencoder, name: str = "weights.safetensors") -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"n_inputs": str(model.n_inputs), "n_hidden": str(model.n_hidden),
+                "activation": model.activation, "output": model.output, "format": "saekit-1"}
+    return atomic_write(Path(run_dir) / name, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def load_model(run_dir, device: str = "cpu", name: str = "weights.safetensors") -> SparseAutoencoder:
+    """Rebuild the model saved in a run folder, in the dtype it was saved in."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing; is {run_dir} a saekit run folder that finished at least one step?")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model = SparseAutoencoder(int(meta["n_inputs"]), int(meta["n_hidden"]), meta["activation"], meta["output"],
+                                  dtype=tensors["W1"].dtype, device=device)
+        model.load_state_dict(tensors)
+    except (safetensors.SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"{path} is corrupt or not a saekit weights file ({type(e).__name__}: {e}).") from None
+    return model
+
+
+def save_history(run_dir, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return atomic_write(Path(run_dir) / "history.csv", buf.getvalue().encode())
+
+
+def load_history(run_dir) -> list[dict]:
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
