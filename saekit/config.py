@@ -19,13 +19,21 @@ from .errors import UserError
 class TrainConfig:
     # --- data
     data: str = "natural-patches"
-    """Training data: 'natural-patches' (whitened photographs bundled with scikit-image, or IMAGES.mat with --images-mat)."""
+    """Training data: 'natural-patches' (whitened photographs bundled with scikit-image, or IMAGES.mat with --images-mat), 'mnist' or 'fashion-mnist'."""
     images_mat: str | None = None
     """Path to UFLDL's IMAGES.mat (512x512x10 whitened images); patches are then sampled from it."""
+    data_dir: str | None = None
+    """Folder holding the MNIST / Fashion-MNIST IDX files (default: $SAEKIT_DATA_DIR, else a download cache)."""
     n_examples: int = 10000
-    """Number of training examples (patches sampled from the images)."""
+    """Number of training examples: patches sampled from the images, or the first MNIST training images."""
+    digits: str | None = None
+    """Keep only these classes of MNIST / Fashion-MNIST, e.g. '5-9' or '0,2,4' (before taking --n-examples)."""
     patch_size: int = 8
     """Side of the square image patches, in pixels."""
+    corruption: str = "none"
+    """Denoising autoencoder: corrupt the input, reconstruct the clean target: 'none', 'mask' (zero a fraction of inputs) or 'gaussian' (add noise)."""
+    corruption_level: float = 0.3
+    """Fraction of inputs zeroed ('mask'), or the noise's standard deviation ('gaussian')."""
     # --- model
     n_hidden: int = 25
     """Number of hidden units (the size of the sparse code)."""
@@ -41,7 +49,7 @@ class TrainConfig:
     beta: float = 3.0
     """Weight of the sparsity penalty (see --penalty); 0 turns it off."""
     penalty: str = "kl"
-    """Sparsity penalty: 'kl' (beta * sum_j KL(rho || rho_hat_j)), 'l1' (beta * mean_i ||h_i||_1) or 'none'."""
+    """Penalty on the codes: 'kl' (beta * sum_j KL(rho || rho_hat_j)), 'l1' (beta * mean_i ||h_i||_1), 'contractive' (beta * mean_i ||dh_i/dx_i||_F^2) or 'none'."""
     # --- optimisation
     optimizer: str = "lbfgs"
     """'lbfgs' (full batch, as UFLDL's minFunc), 'adam' or 'sgd' (minibatches)."""
@@ -79,13 +87,16 @@ class TrainConfig:
                 problems.append(f"--{dashed(name)} must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
+        if not self.corruption_level >= 0 or (self.corruption == "mask" and not self.corruption_level < 1):
+            problems.append(f"--corruption-level must be >= 0, and below 1 for 'mask' (got {self.corruption_level})")
         if not 0 <= self.rho_momentum < 1:
             problems.append(f"--rho-momentum must lie in [0, 1) (got {self.rho_momentum})")
         choices = {
-            "data": ("natural-patches",),
+            "data": ("natural-patches", "mnist", "fashion-mnist"),
+            "corruption": ("none", "mask", "gaussian"),
             "activation": ("sigmoid", "relu"),
             "output": ("sigmoid", "linear"),
-            "penalty": ("kl", "l1", "none"),
+            "penalty": ("kl", "l1", "contractive", "none"),
             "optimizer": ("lbfgs", "adam", "sgd"),
             "dtype": ("float64", "float32"),
         }
@@ -94,11 +105,31 @@ class TrainConfig:
                 problems.append(f"--{dashed(name)} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.penalty == "kl" and self.activation != "sigmoid":
             problems.append("--penalty kl needs --activation sigmoid (rho_hat must be a mean firing rate in (0, 1)); use --penalty l1 with relu")
+        try:
+            parse_digits(self.digits)
+        except UserError as e:
+            problems.append(str(e))
         if problems:
             raise UserError("invalid configuration: " + "; ".join(problems) + ".")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_digits(spec: str | None) -> list[int] | None:
+    """'5-9' -> [5, 6, 7, 8, 9]; '0,2,4' -> [0, 2, 4]; None -> None (all classes)."""
+    if spec is None:
+        return None
+    try:
+        digits = set()
+        for part in spec.split(","):
+            low, _, high = part.strip().partition("-")
+            digits.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        digits = set()
+    if not digits or not digits <= set(range(10)):
+        raise UserError(f"--digits {spec!r} is not a list of classes 0-9 such as '5-9' or '0,2,4'")
+    return sorted(digits)
 
 
 def dashed(name: str) -> str:

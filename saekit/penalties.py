@@ -70,3 +70,33 @@ class RunningRhoHat:
             slope = kl_derivative(rho, self.rho_hat)
             reported = beta * kl_divergence(rho, self.rho_hat).sum()
         return beta * (slope * batch_mean).sum(), reported
+
+
+def contractive(h: torch.Tensor, W1: torch.Tensor, activation: str) -> torch.Tensor:
+    """mean_i ||dh_i/dx_i||_F^2 in closed form: (batch, n_hidden) codes, W1 (n_hidden, n_inputs).
+
+    h_j = f(w_j . x + b_j), so dh_j/dx = f'(z_j) w_j and ||dh/dx||_F^2 = sum_j f'(z_j)^2 ||w_j||^2,
+    with f' = h(1 - h) for a sigmoid and the step 1[h > 0] for a ReLU.
+    """
+    slope = h * (1 - h) if activation == "sigmoid" else (h > 0).to(h.dtype)
+    return (slope.pow(2) @ W1.pow(2).sum(1)).mean()
+
+
+class L1Penalty(torch.autograd.Function):
+    """Seed 003's L1 layer: the identity going forward; going back it adds weight * sign(h).
+
+    Its gradient is that of the loss term  weight * sum over the batch and units of |h|,
+    which is how saekit's --penalty l1 computes it (as beta * mean_i ||h_i||_1, so
+    beta = weight * batch size gives the same step). Kept to show and test the equivalence.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.weight = weight
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (h,) = ctx.saved_tensors
+        return grad_output + ctx.weight * h.sign(), None

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from . import classic
 from .config import TrainConfig
 from .model import SparseAutoencoder
-from .penalties import RunningRhoHat, kl_divergence, weight_decay
+from .data import corrupt
+from .penalties import RunningRhoHat, contractive, kl_divergence, weight_decay
 
 
 class Evaluation(NamedTuple):
@@ -55,6 +56,8 @@ def loss_terms(model, x, cfg: TrainConfig, target=None, running: RunningRhoHat |
         surrogate = sparsity = cfg.beta * kl_divergence(cfg.rho, rho_hat).sum()
     elif cfg.penalty == "l1":
         surrogate = sparsity = cfg.beta * out.h.abs().sum(1).mean()
+    elif cfg.penalty == "contractive":
+        surrogate = sparsity = cfg.beta * contractive(out.h, model.W1, model.activation)
     else:
         surrogate = sparsity = torch.zeros((), dtype=x.dtype, device=x.device)
     loss = reconstruction + decay + surrogate
@@ -175,7 +178,9 @@ def train_minibatch(model, x, cfg: TrainConfig, target=None, progress: bool = Tr
                 order = torch.randperm(m, generator=generator).to(x.device)
                 for start in range(0, m, cfg.batch_size):
                     rows = order[start : start + cfg.batch_size]
-                    loss, ev = loss_terms(model, x[rows], cfg, None if target is None else target[rows], running)
+                    clean = x[rows] if target is None else target[rows]
+                    x_in = corrupt(x[rows], cfg.corruption, cfg.corruption_level, generator)
+                    loss, ev = loss_terms(model, x_in, cfg, clean, running)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -190,8 +195,16 @@ def train_minibatch(model, x, cfg: TrainConfig, target=None, progress: bool = Tr
 
 
 def fit(model: SparseAutoencoder, x: torch.Tensor, cfg: TrainConfig, target=None, progress: bool = True):
-    """Train the model on x (m, n_inputs) as the config says. Returns (history, interrupted)."""
+    """Train the model on x (m, n_inputs) as the config says. Returns (history, interrupted).
+
+    A denoising autoencoder (cfg.corruption) reconstructs the clean x from a corrupted copy:
+    L-BFGS corrupts the data once (the objective must stay fixed for its line searches),
+    minibatch training corrupts every batch afresh.
+    """
     if cfg.optimizer == "lbfgs":
+        if cfg.corruption != "none":
+            generator = torch.Generator().manual_seed(cfg.seed)
+            x, target = corrupt(x, cfg.corruption, cfg.corruption_level, generator), x if target is None else target
         objective = full_batch_objective(model, x, cfg, target)
         return train_lbfgs(model, objective, cfg.max_iter, cfg.lbfgs_memory, progress)
     return train_minibatch(model, x, cfg, target, progress)

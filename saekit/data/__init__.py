@@ -4,20 +4,63 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import TrainConfig
-from .images import natural_image_patches
+from ..config import TrainConfig, parse_digits
+from ..errors import UserError
 
 
 class Dataset(NamedTuple):
     x: torch.Tensor  # (n_examples, n_inputs)
+    labels: torch.Tensor | None  # (n_examples,) class of each example, None where there are none
     image_shape: tuple[int, int] | None  # how to draw one example, None for plain vectors
     description: str
 
 
+def _digit_images(cfg: TrainConfig, split: str, n: int | None):
+    from .idx import load_digits  # only MNIST runs pay for importing the downloader
+
+    images, labels = load_digits(cfg.data, split, cfg.data_dir)
+    digits = parse_digits(cfg.digits)
+    if digits is not None:
+        keep = torch.isin(torch.from_numpy(labels), torch.tensor(digits)).numpy()
+        images, labels = images[keep], labels[keep]
+    if n is not None and n > len(images):
+        raise UserError(f"--n-examples {n} is more than the {len(images)} {cfg.data} {split} images selected; lower it.")
+    images, labels = images[:n], labels[:n]
+    which = f"digits {cfg.digits} of " if cfg.digits else ""
+    return images, labels, (28, 28), f"{len(images)} {which}{cfg.data} {split} images"
+
+
+def _to_dataset(x, labels, image_shape, description, cfg: TrainConfig) -> Dataset:
+    x = torch.as_tensor(x).to(dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    labels = None if labels is None else torch.as_tensor(labels)
+    return Dataset(x, labels, image_shape, description)
+
+
 def load_training_data(cfg: TrainConfig) -> Dataset:
     """The training examples a config names, in its dtype, on its device."""
-    dtype = getattr(torch, cfg.dtype)
+    if cfg.data in ("mnist", "fashion-mnist"):
+        return _to_dataset(*_digit_images(cfg, "train", cfg.n_examples), cfg)
+    from .images import natural_image_patches
+
     patches = natural_image_patches(cfg.n_examples, cfg.patch_size, seed=cfg.seed, images_mat=cfg.images_mat)
     source = cfg.images_mat or "whitened photographs bundled with scikit-image"
-    x = torch.from_numpy(patches).to(dtype=dtype, device=cfg.device)
-    return Dataset(x, (cfg.patch_size, cfg.patch_size), f"{cfg.n_examples} {cfg.patch_size}x{cfg.patch_size} patches of {source}")
+    shape = (cfg.patch_size, cfg.patch_size)
+    return _to_dataset(patches, None, shape, f"{cfg.n_examples} {cfg.patch_size}x{cfg.patch_size} patches of {source}", cfg)
+
+
+def load_test_data(cfg: TrainConfig) -> Dataset:
+    """The labelled test set that goes with a config's training data (MNIST / Fashion-MNIST only)."""
+    if cfg.data not in ("mnist", "fashion-mnist"):
+        raise UserError(f"--data {cfg.data} has no labels to classify; classification needs mnist or fashion-mnist.")
+    return _to_dataset(*_digit_images(cfg, "test", None), cfg)
+
+
+def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator) -> torch.Tensor:
+    """A denoising autoencoder's input: x with a fraction `level` of values zeroed ('mask'),
+    or with Gaussian noise of standard deviation `level` added ('gaussian'). x is (batch, n_inputs)."""
+    if kind == "mask":
+        keep = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) >= level
+        return x * keep
+    if kind == "gaussian":
+        return x + level * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x

@@ -22,7 +22,7 @@ from ..sparse_decode import sparse_decode
 
 class Sample(NamedTuple):
     x: torch.Tensor  # (n, d) float32 examples
-    values: torch.Tensor  # (n, k) float32 coefficients > 0
+    values: torch.Tensor  # (n, k) float32 coefficients |N(0, 1)|, non-zero almost surely
     indices: torch.Tensor  # (n, k) int64 distinct atoms per row; dense codes: dense_codes(values, indices, n_atoms)
 
 
@@ -51,6 +51,12 @@ class SyntheticDictionary:
         self.probabilities = weights / weights.sum()  # (n_atoms,) chance of each atom on one draw
         self._cdf = self.probabilities.cumsum(0)
         self._cdf[-1] = 1.0  # rounding must not leave a uniform draw in [0, 1) past the last atom
+        # A row's last atom is redrawn until it differs from the k-1 before it; if those can
+        # hold nearly all the probability, that takes about 1 / (what is left) draws.
+        if self.probabilities[k - 1:].sum() < 1e-3:
+            raise UserError(f"alpha = {alpha} puts almost all use on fewer than k = {k} of the "
+                            f"{n_atoms} atoms, so k distinct atoms per sample would take very long "
+                            f"to draw; lower alpha or k, or add atoms.")
 
     def sample(self, n: int, seed: int | None = None) -> Sample:
         """n examples and the codes that made them. seed=None continues this dictionary's stream

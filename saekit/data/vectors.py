@@ -207,12 +207,15 @@ def check_finite(block: torch.Tensor, source: VectorSource, start: int) -> torch
 
 
 class VectorStream:
-    """Shuffled minibatches (batch_size, d) of a source, forever or for `epochs` epochs.
+    """Shuffled minibatches: CPU tensors (batch_size, d) in `dtype`, taken from a source.
 
-    Iterating continues from the stream's position (see `state_dict`), so a second loop
-    over the same stream picks up where the first stopped. drop_last=True drops the last
-    n % B rows of each epoch (a different set each epoch); drop_last=False yields them as a
-    short final batch and needs world_size=1, since a short batch cannot be split evenly.
+    Iteration runs forever (epochs=None) or until the epoch counter, which starts at 0 and
+    is part of the position, reaches `epochs`; a resumed run thus stops where the
+    uninterrupted one would. Iterating continues from the stream's position (see
+    `state_dict`), so a second loop over the same stream picks up where the first stopped.
+    drop_last=True drops the last n % B rows of each epoch (a different set each epoch);
+    drop_last=False yields them as a short final batch and needs world_size=1, since a
+    short batch cannot be split evenly.
     """
 
     def __init__(self, source, batch_size: int, shuffle_buffer: int = 2**16,

@@ -1,0 +1,44 @@
+"""Shared pieces for the core tests: an independent implementation of the classic cost, and small data.
+
+`reference_terms` is the issue's cost written out plainly in torch (no buffers, no closed-form
+gradient, no clamping), so tests can compare saekit's numbers with it and differentiate it with
+autograd. It is the yardstick; nothing in it comes from saekit.
+"""
+
+import pytest
+import torch
+
+
+def reference_terms(W1, b1, W2, b2, x, lambda_, rho, beta, target=None):
+    """(reconstruction, weight decay, sparsity) of J for x (m, n_in); W1 (n_hidden, n_in), W2 (n_in, n_hidden)."""
+    y = x if target is None else target
+    m = x.shape[0]
+    a2 = 1 / (1 + torch.exp(-(x @ W1.T + b1)))
+    x_hat = 1 / (1 + torch.exp(-(a2 @ W2.T + b2)))
+    reconstruction = 0.5 * ((x_hat - y) ** 2).sum() / m
+    decay = lambda_ / 2 * ((W1**2).sum() + (W2**2).sum())
+    rho_hat = a2.mean(0)
+    kl = rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+    return reconstruction, decay, beta * kl.sum()
+
+
+def reference_cost(*args, **kw):
+    return sum(reference_terms(*args, **kw))
+
+
+def random_problem(m=7, n_in=6, n_hidden=4, dtype=torch.float64, seed=0, scale=0.5):
+    """Random weights and data in (0, 1): (W1, b1, W2, b2, x) with W2 (n_in, n_hidden) contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    W1, b1 = scale * randn(n_hidden, n_in), 0.1 * randn(n_hidden)
+    W2, b2 = scale * randn(n_in, n_hidden), 0.1 * randn(n_in)
+    x = torch.rand(m, n_in, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    return tuple(t.to(dtype) for t in (W1, b1, W2, b2, x))
+
+
+@pytest.fixture(scope="session")
+def patches():
+    """500 normalised 8x8 natural-image patches, (500, 64) float64 in [0.1, 0.9]."""
+    from saekit.data.images import natural_image_patches
+
+    return natural_image_patches(500, 8, seed=0)
