@@ -74,6 +74,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
           f"median of {args.repeats} forward+backward runs")
     print(f"{'B':>5} {'n':>6} {'d':>4} {'k':>3} | {'sparse':>9} {'dense':>9} {'handwritten':>11} | "

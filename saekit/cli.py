@@ -28,6 +28,7 @@ from .reports import write_pictures
 from .training import fit
 
 GRADCHECK_TOLERANCE = 1e-9
+INITIAL_WEIGHTS = "initial.safetensors"  # the weights before training, for the before/after pictures
 
 
 def _field_type(annotation):
@@ -130,6 +131,8 @@ def cmd_train(args) -> int:
     if model is None:
         model = SparseAutoencoder(data.x.shape[1], cfg.n_hidden, cfg.activation, cfg.output,
                                   dtype=data.x.dtype, device=cfg.device, seed=cfg.seed)
+        runs.save_model(run_dir, model, INITIAL_WEIGHTS)
+    initial = runs.load_model(run_dir, cfg.device, INITIAL_WEIGHTS)
     total = cfg.max_iter if cfg.optimizer == "lbfgs" else cfg.epochs
     remaining = total - len(history)
     print(f"run folder: {run_dir}\ndata: {data.description}\nmodel: {model.extra_repr()}, penalty {cfg.penalty} "
@@ -148,7 +151,7 @@ def cmd_train(args) -> int:
     metrics = evaluate(model, data.x, cfg)
     runs.write_json(run_dir / "metrics.json", metrics)
     runs.write_json(run_dir / "state.json", {"steps_done": len(history), "steps_total": total, "finished": not interrupted})
-    pictures = write_pictures(run_dir, model, data.x, history, data.image_shape)
+    pictures = write_pictures(run_dir, model, data.x, history, data.image_shape, initial)
     print(f"cost {metrics['cost']:.6g} = reconstruction {metrics['reconstruction']:.6g} + weight decay "
           f"{metrics['weight_decay']:.6g} + sparsity {metrics['sparsity']:.6g}; mean rho_hat {metrics['rho_hat_mean']:.4g}")
     print("wrote " + ", ".join(str(p) for p in [run_dir / "metrics.json", run_dir / "weights.safetensors", *pictures]))

@@ -1,4 +1,15 @@
-"""Pictures of a run: what the autoencoder learned, what it saw, how well it reconstructs, how it trained."""
+"""Pictures of a run: what the autoencoder learned, what it saw, how well it reconstructs, how it trained.
+
+Image pictures are drawn only when examples are images (image_shape is not None):
+
+    features.png, features_before.png, features_updates.png   encoder rows W1[j] as images (after, before, after - before)
+    decoder.png, decoder_before.png, decoder_updates.png      decoder columns W2[:, j]: what unit j writes
+    inputs.png                                                the first training examples
+    reconstructions.png, reconstructions_before.png           inputs beside reconstructions, after and before training
+    cost.png                                                  the cost and its terms per step
+
+The before/after/updates pictures are the ones seed 003's lecture draws for its L1 autoencoder.
+"""
 
 from pathlib import Path
 
@@ -7,23 +18,41 @@ import torch
 from .pictures import line_chart, save_filters, save_images, save_png, save_side_by_side
 
 N_SHOWN = 100  # examples drawn in the input and reconstruction pictures
+MAX_FILTERS = 400  # hidden units drawn in the weight pictures
+
+
+def _np(t: torch.Tensor):
+    return t.detach().float().cpu().numpy()
 
 
 @torch.no_grad()
-def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_shape) -> list[Path]:
-    """features.png (W1's rows as tiles, like UFLDL's display_network), inputs.png,
-    reconstructions.png (each input beside its reconstruction) and cost.png (the cost per step).
-    Image pictures are drawn only when examples are images (image_shape is not None)."""
+def _weight_pictures(run_dir: Path, model, initial, image_shape) -> list[Path]:
+    written = []
+    encoder, decoder = model.W1[:MAX_FILTERS], model.W2.t()[:MAX_FILTERS]
+    written.append(save_filters(_np(encoder), run_dir / "features.png", image_shape=image_shape))
+    written.append(save_filters(_np(decoder), run_dir / "decoder.png", image_shape=image_shape))
+    if initial is not None:
+        encoder0, decoder0 = initial.W1[:MAX_FILTERS], initial.W2.t()[:MAX_FILTERS]
+        for name, before, after in (("features", encoder0, encoder), ("decoder", decoder0, decoder)):
+            written.append(save_filters(_np(before), run_dir / f"{name}_before.png", image_shape=image_shape))
+            written.append(save_filters(_np(after - before), run_dir / f"{name}_updates.png", image_shape=image_shape))
+    return written
+
+
+@torch.no_grad()
+def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None) -> list[Path]:
+    """Write the run's pictures (see the module docstring); `initial` is the model before training, if known."""
     run_dir = Path(run_dir)
     written = []
     if image_shape is not None:
+        written += _weight_pictures(run_dir, model, initial, image_shape)
         shown = x[:N_SHOWN]
-        x_hat = model(shown).x_hat
-        to_np = lambda t: t.detach().float().cpu().numpy()
-        written.append(save_filters(to_np(model.W1), run_dir / "features.png", image_shape=image_shape))
-        written.append(save_images(to_np(shown), run_dir / "inputs.png", image_shape=image_shape))
-        written.append(save_side_by_side(to_np(shown[:50]), to_np(x_hat[:50]), run_dir / "reconstructions.png",
-                                         image_shape=image_shape))
+        written.append(save_images(_np(shown), run_dir / "inputs.png", image_shape=image_shape))
+        for name, m in (("reconstructions", model), ("reconstructions_before", initial)):
+            if m is not None:
+                pairs = shown[:50]
+                written.append(save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png",
+                                                 image_shape=image_shape))
     if history:
         series = {k: [row[k] for row in history] for k in ("cost", "reconstruction", "sparsity", "weight_decay")}
         chart = line_chart(series, title="Cost J and its terms", xlabel="step", ylabel="value (log scale)", log_y=True)

@@ -2,6 +2,7 @@
 
     RUN/config.json          the full TrainConfig, library versions, command line, time
     RUN/weights.safetensors  the model's parameters; its metadata says how to rebuild the model
+    RUN/initial.safetensors  the parameters before training
     RUN/metrics.json         final metrics (cost and its terms, rho_hat statistics, errors)
     RUN/history.csv          one row per iteration or epoch
     RUN/state.json           training progress, for --resume
