@@ -95,6 +95,11 @@ def _row(step: int, cost: float, nll: float, decay: float, seconds: float) -> di
     return {"step": step, "cost": cost, "nll": nll, "weight_decay": decay, "seconds": seconds}
 
 
+def _floats(terms) -> list[float]:
+    """(J, nll, decay) tensors, which carry autograd history, as plain numbers."""
+    return torch.stack(terms).detach().tolist()
+
+
 def minimize(module: nn.Module, cost, x, y, solver: Solver, progress: bool = False) -> list[dict]:
     """Minimise cost(x, y) -> (J, nll, decay) over module.parameters(); returns the history.
 
@@ -110,8 +115,10 @@ def _lbfgs(module, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
     not_a_sparse_code = torch.full((1,), float("nan"))  # train_lbfgs reports a mean rho_hat; there is none here
 
     def objective():
-        J, nll, decay = cost(x, y)
-        return Evaluation(float(J), float(nll), float(decay), 0.0, not_a_sparse_code), torch.autograd.grad(J, params)
+        terms = cost(x, y)
+        grads = torch.autograd.grad(terms[0], params)
+        J, nll, decay = _floats(terms)
+        return Evaluation(J, nll, decay, 0.0, not_a_sparse_code), grads
 
     history, interrupted = train_lbfgs(module, objective, solver.max_iter, solver.memory, progress)
     if interrupted:
@@ -128,12 +135,12 @@ def _adam(module, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
         for epoch in range(1, solver.epochs + 1):
             totals = np.zeros(3)  # example-weighted sums of J, nll, decay
             for rows in torch.randperm(m, generator=generator).to(x.device).split(solver.batch_size):
-                J, nll, decay = cost(x[rows], y[rows])
+                terms = cost(x[rows], y[rows])
                 optimizer.zero_grad(set_to_none=True)
-                J.backward()
+                terms[0].backward()
                 optimizer.step()
-                totals += np.array([float(J), float(nll), float(decay)]) * len(rows)
-            history.append(_row(epoch, *(totals / m), round(time.perf_counter() - started, 3)))
+                totals += np.array(_floats(terms)) * len(rows)
+            history.append(_row(epoch, *(totals / m).tolist(), round(time.perf_counter() - started, 3)))
             bar.update(1)
             bar.set_postfix(cost=f"{history[-1]['cost']:.6g}", refresh=False)
     return history

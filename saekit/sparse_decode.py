@@ -14,10 +14,10 @@ the forward and both gradients cost batch·k·d:
 `torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)` is exactly that sum,
 on the CPU and on CUDA, and its own backward computes exactly those two gradients (the atoms'
 gradient dense, (n_hidden, d), non-zero only in the rows that were used). A hand-written
-autograd.Function (gather + batched dot for the values, index_add_ for the atoms) was measured
-several times slower on the CPU, because its gather materialises a (batch, k, d) tensor, so
-there is none here: `sparse_decode` is embedding_bag with checks. `benchmarks/sparse_decode.py`
-times it against dense decoding.
+autograd.Function (gather + batched dot for the values, index_add_ for the atoms) measured 2 to 9
+times slower on the 2-core CPU, its gather materialising a (batch, k, d) tensor, so there is
+none here: `sparse_decode` is embedding_bag with checks. `benchmarks/sparse_decode.py` times
+both against dense decoding.
 
 Codes travel as a pair: values (batch, k) and indices (batch, k) int64 into the n_hidden atoms.
 """

@@ -22,7 +22,6 @@ from .classifier import FeatureClassifier, Solver, SoftmaxRegression, evaluate_c
 from .config import TrainConfig
 from .errors import UserError
 from .model import SparseAutoencoder
-from .runs import DTYPES
 from .training import fit
 
 
@@ -41,7 +40,7 @@ def pretrain_stack(x, layer_sizes=(200, 200), cfg: TrainConfig | None = None, pr
     cfg = cfg or ufldl_layer_config()
     if len(layer_sizes) == 0:
         raise UserError("layer_sizes is empty; give the number of hidden units of each layer, e.g. [200, 200].")
-    h = to_rows(x, DTYPES[cfg.dtype], cfg.device)
+    h = to_rows(x, getattr(torch, cfg.dtype), cfg.device)
     layers = []
     for i, n_hidden in enumerate(layer_sizes):
         if cfg.output == "sigmoid" and (h.min() < 0 or h.max() > 1):
@@ -74,7 +73,7 @@ def run_stacked(x_train, y_train, x_test, y_test, layer_sizes=(200, 200), cfg: T
     Pre-training uses the first n_pretrain training examples (all by default); the softmax and
     fine-tuning use them all. Returns accuracy_before and accuracy_after (test accuracy before
     and after fine-tuning), the full results of `evaluate_classifier` as before and after,
-    seconds per stage, and the trained layers and classifier.
+    seconds and training history per stage, and the trained layers and classifier.
     """
     started = time.perf_counter()
     layers = pretrain_stack(x_train[:n_pretrain], layer_sizes, cfg, progress)
@@ -82,16 +81,16 @@ def run_stacked(x_train, y_train, x_test, y_test, layer_sizes=(200, 200), cfg: T
 
     classifier = FeatureClassifier(layers, _n_classes(y_train, y_test), softmax_lambda)
     started = time.perf_counter()
-    classifier.fit_softmax(x_train, y_train, softmax_solver, progress)
+    history = {"softmax": classifier.fit_softmax(x_train, y_train, softmax_solver, progress)}
     seconds["softmax"] = time.perf_counter() - started
     before = evaluate_classifier(classifier, x_test, y_test, class_names)
 
     started = time.perf_counter()
-    classifier.fine_tune(x_train, y_train, fine_tune_solver, fine_tune_lambda, progress)
+    history["fine_tune"] = classifier.fine_tune(x_train, y_train, fine_tune_solver, fine_tune_lambda, progress)
     seconds["fine_tune"] = time.perf_counter() - started
     after = evaluate_classifier(classifier, x_test, y_test, class_names)
     return {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "before": before,
-            "after": after, "seconds": seconds, "layers": layers, "classifier": classifier}
+            "after": after, "seconds": seconds, "history": history, "layers": layers, "classifier": classifier}
 
 
 def self_taught_split(images, labels):
@@ -102,7 +101,7 @@ def self_taught_split(images, labels):
     """
     labels = np.asarray(labels)
     labeled = np.flatnonzero(labels <= 4)
-    half = int(np.round(len(labeled) / 2))  # MATLAB's round(numel(labeledSet)/2)
+    half = (len(labeled) + 1) // 2  # MATLAB's round(numel(labeledSet)/2): halves round up
     train, test = labeled[:half], labeled[half:]
     return images[labels >= 5], images[train], labels[train], images[test], labels[test]
 
@@ -114,7 +113,8 @@ def self_taught(x_unlabeled, x_train, y_train, x_test, y_test, n_hidden: int = 2
     classifies the labelled examples by those features, and another softmax by the raw inputs.
 
     Returns accuracy (on the features) and accuracy_raw (on the raw inputs), the full results of
-    `evaluate_classifier` as features and raw, seconds per stage, and the autoencoder and both classifiers.
+    `evaluate_classifier` as features and raw, seconds and training history per stage, and the
+    autoencoder and both classifiers.
     """
     started = time.perf_counter()
     (sae,) = pretrain_stack(x_unlabeled, [n_hidden], cfg, progress)
@@ -123,14 +123,14 @@ def self_taught(x_unlabeled, x_train, y_train, x_test, y_test, n_hidden: int = 2
 
     classifier = FeatureClassifier([sae], n_classes, softmax_lambda)
     started = time.perf_counter()
-    classifier.fit_softmax(x_train, y_train, solver, progress)
+    history = {"softmax": classifier.fit_softmax(x_train, y_train, solver, progress)}
     seconds["softmax"] = time.perf_counter() - started
     features = evaluate_classifier(classifier, x_test, y_test, class_names)
 
     raw_classifier = SoftmaxRegression(classifier.n_inputs, n_classes, softmax_lambda, sae.W1.dtype, sae.W1.device)
     started = time.perf_counter()
-    raw_classifier.fit(x_train, y_train, solver, progress)
+    history["softmax_raw"] = raw_classifier.fit(x_train, y_train, solver, progress)
     seconds["softmax_raw"] = time.perf_counter() - started
     raw = evaluate_classifier(raw_classifier, x_test, y_test, class_names)
     return {"accuracy": features["accuracy"], "accuracy_raw": raw["accuracy"], "features": features, "raw": raw,
-            "seconds": seconds, "autoencoder": sae, "classifier": classifier, "raw_classifier": raw_classifier}
+            "seconds": seconds, "history": history, "autoencoder": sae, "classifier": classifier, "raw_classifier": raw_classifier}

@@ -7,7 +7,7 @@ import torch
 
 from saekit.errors import UserError
 from saekit.model import SparseAutoencoder
-from saekit.penalties import RunningRhoHat, kl_derivative, kl_divergence, weight_decay
+from saekit.penalties import L1Penalty, RunningRhoHat, contractive, kl_derivative, kl_divergence, weight_decay
 
 # --- model -----------------------------------------------------------------------------------
 
@@ -40,8 +40,9 @@ def test_W2_is_stored_as_the_transpose_of_a_contiguous_atom_matrix():
     assert not model.W2.is_contiguous() and model.W2.t().is_contiguous()
     assert model.W2.stride() == (1, 6)
     # Its flat storage, in memory order, is MATLAB's W2(:) (column-major).
-    flat = model.W2.t().reshape(-1).tolist()
-    column_major = [float(model.W2[i, j]) for j in range(4) for i in range(6)]
+    W2 = model.W2.detach()
+    flat = W2.t().reshape(-1).tolist()
+    column_major = [float(W2[i, j]) for j in range(4) for i in range(6)]
     assert flat == column_major
 
 
@@ -49,7 +50,7 @@ def test_reset_parameters_range_determinism_and_zero_biases():
     n_in, n_hidden = 30, 20
     r = math.sqrt(6.0 / (n_in + n_hidden + 1))
     model = SparseAutoencoder(n_in, n_hidden, seed=5)
-    for W in (model.W1, model.W2):
+    for W in (model.W1.detach(), model.W2.detach()):
         assert W.abs().max() <= r and W.abs().max() > 0.9 * r
         assert abs(float(W.mean())) < 0.1 * r
     assert not torch.equal(model.W1, model.W2.t())  # independent draws
@@ -141,3 +142,28 @@ def test_running_rho_hat_state_round_trip():
     restored = RunningRhoHat(2)
     restored.load_state_dict(running.state_dict())
     assert torch.equal(restored.rho_hat, running.rho_hat)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_contractive_penalty_is_the_mean_squared_frobenius_norm_of_the_jacobian(activation):
+    model = SparseAutoencoder(5, 4, activation, "linear", seed=3)
+    with torch.no_grad():
+        model.b1.copy_(torch.tensor([0.3, -0.2, 0.0, 0.5], dtype=torch.float64))
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    encoder = lambda xi: model.sparsify(model.encode(xi[None]))[0]  # (n_in,) -> (n_hidden,)
+    norms = [torch.autograd.functional.jacobian(encoder, xi).pow(2).sum() for xi in x]
+    expected = torch.stack(norms).mean()
+    with torch.no_grad():
+        h = model(x).h
+        got = contractive(h, model.W1, activation)
+    assert float(got) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_l1_penalty_layer_has_the_gradient_of_weight_times_sum_abs_h():
+    h = torch.tensor([[0.5, -2.0, 0.0], [1.5, 0.25, -0.1]], dtype=torch.float64, requires_grad=True)
+    upstream = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=torch.float64)
+    out = L1Penalty.apply(h, 0.1)
+    assert torch.equal(out, h.detach())  # identity going forward
+    (got,) = torch.autograd.grad((out * upstream).sum(), h)
+    (expected,) = torch.autograd.grad((h * upstream).sum() + 0.1 * h.abs().sum(), h)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)

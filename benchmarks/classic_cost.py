@@ -1,0 +1,198 @@
+"""One cost + gradient evaluation of UFLDL's sparse autoencoder on the MNIST shape, against the matmul peak.
+
+    python benchmarks/classic_cost.py [--repeats N]
+
+Shape: m = 10,000 examples of 784 inputs, 196 hidden units (UFLDL's MNIST exercise). Data are
+MNIST's 10,000 test images when the files are found ($SAEKIT_DATA_DIR, else ../shared/data
+beside the repository), otherwise uniform random numbers in [0, 1]: the timings do not depend
+on the values.
+
+For float64 and float32 it times
+  (a) saekit.ufldl.sparse_autoencoder_cost, data (784, m) Fortran-ordered (as its docstring
+      advises) and C-ordered;
+  (b) saekit.classic.cost_and_grad on a SparseAutoencoder's own parameters (the training step);
+  (c) plain NumPy: the UFLDL formulas vectorized the obvious way, one example per column;
+  (d) the peak: the five matrix products of one evaluation, each timed alone, the best of
+      NumPy (OpenBLAS) and PyTorch (MKL); their sum is the least time the evaluation can take.
+All of it runs in the same rounds, in a shuffled order each round, so that other processes on
+the machine slow every candidate alike: compare numbers within one run only. "% of peak" is the
+peak's time over the candidate's and "x NumPy" (c)'s time over the candidate's, both from the
+best of the repeats (the run least disturbed by other processes); the verdict adds the medians.
+"""
+
+import argparse
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saekit import classic, ufldl
+from saekit.data.idx import load_digits
+from saekit.errors import UserError
+from saekit.model import SparseAutoencoder
+
+M, N_IN, N_HID = 10_000, 784, 196
+LAMBDA, RHO, BETA = 3e-3, 0.1, 3.0  # UFLDL's MNIST settings
+GFLOP = 5 * 2 * M * N_IN * N_HID / 1e9  # five products of 2 m n_in n_hidden FLOP each
+GOAL = 0.75  # fraction of the peak
+
+
+def load_data() -> tuple[np.ndarray, str]:
+    """(M, N_IN) float64 rows in [0, 1]: MNIST's test images if present, else random."""
+    folder = os.environ.get("SAEKIT_DATA_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    try:
+        images, _ = load_digits("mnist", "test", data_dir=folder, download=False)
+        return images[:M].astype(np.float64), f"MNIST test images from {Path(folder).resolve()}"
+    except UserError:
+        return np.random.default_rng(0).random((M, N_IN)), "uniform random numbers in [0, 1]"
+
+
+def plain_numpy(W1, W2, b1, b2, data, lambda_, rho, beta):
+    """UFLDL's sparseAutoencoderCost as a student writes it in NumPy: data (visible, m), one example per column."""
+    m = data.shape[1]
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    a2 = sigmoid(W1 @ data + b1[:, None])
+    a3 = sigmoid(W2 @ a2 + b2[:, None])
+    rho_hat = a2.mean(axis=1)
+    kl = rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
+    cost = 0.5 / m * np.sum((a3 - data) ** 2) + lambda_ / 2 * (np.sum(W1**2) + np.sum(W2**2)) + beta * np.sum(kl)
+    delta3 = (a3 - data) * a3 * (1 - a3)
+    sparsity_delta = beta * (-rho / rho_hat + (1 - rho) / (1 - rho_hat))
+    delta2 = (W2.T @ delta3 + sparsity_delta[:, None]) * a2 * (1 - a2)
+    W1grad = delta2 @ data.T / m + lambda_ * W1
+    W2grad = delta3 @ a2.T / m + lambda_ * W2
+    return cost, (W1grad, delta2.sum(axis=1) / m, W2grad, delta3.sum(axis=1) / m)
+
+
+def max_relative_difference(grads, reference) -> float:
+    """Largest ||g - g_ref|| / ||g_ref|| over the gradient arrays (W1, b1, W2, b2), in float64."""
+    return max(
+        float(np.linalg.norm(np.asarray(g, np.float64) - r) / np.linalg.norm(r)) for g, r in zip(grads, reference)
+    )
+
+
+def peak_products(dtype: torch.dtype) -> dict:
+    """The five products of one evaluation, each in NumPy and in PyTorch, writing into preallocated outputs."""
+    rand = lambda *shape: torch.rand(*shape, dtype=dtype)  # noqa: E731
+    x, W1, W2_t = rand(M, N_IN), rand(N_HID, N_IN), rand(N_HID, N_IN)  # W2 = W2_t.T, stored like the model's
+    a2, d2, d3 = rand(M, N_HID), rand(M, N_HID), rand(M, N_IN)
+    products = {  # name: (a, b, out) with out = a @ b
+        "x W1^T    (m,784)(784,196)": (x, W1.t(), torch.empty(M, N_HID, dtype=dtype)),
+        "a2 W2^T   (m,196)(196,784)": (a2, W2_t, torch.empty(M, N_IN, dtype=dtype)),
+        "d3 W2     (m,784)(784,196)": (d3, W2_t.t(), torch.empty(M, N_HID, dtype=dtype)),
+        "a2^T d3   (196,m)(m,784)": (a2.t(), d3, torch.empty(N_HID, N_IN, dtype=dtype)),
+        "d2^T x    (196,m)(m,784)": (d2.t(), x, torch.empty(N_HID, N_IN, dtype=dtype)),
+    }
+    timed = {}
+    for name, (a, b, out) in products.items():
+        timed[f"numpy {name}"] = lambda a=a, b=b, out=out: np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+        timed[f"torch {name}"] = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)
+    return timed
+
+
+def candidates(rows: np.ndarray, dtype: torch.dtype) -> dict:
+    """The timed evaluations; each returns (cost, [grad W1, b1, W2, b2]) for the comparison."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    model = SparseAutoencoder(N_IN, N_HID, dtype=dtype, seed=0)
+    W1, b1, W2, b2 = (p.detach().numpy() for p in (model.W1, model.b1, model.W2, model.b2))
+    x = torch.from_numpy(rows.astype(np_dtype))  # (m, 784), examples in rows
+    data_f = np.asfortranarray(rows.T.astype(np_dtype))  # (784, m) Fortran-ordered: data_f.T is x's layout
+    data_c = np.ascontiguousarray(data_f)  # (784, m) C-ordered, as np.loadtxt or a .T.copy() gives
+    data_numpy = np.ascontiguousarray(rows.T.astype(np_dtype))
+    W1_c, W2_c = np.ascontiguousarray(W1), np.ascontiguousarray(W2)
+    theta = ufldl.pack_theta(W1, W2, b1, b2)
+    state = {"workspace": None}
+
+    def model_step():
+        result, state["workspace"] = classic.cost_and_grad(
+            model.W1, model.b1, model.W2, model.b2, x, LAMBDA, RHO, BETA, workspace=state["workspace"]
+        )
+        return result.cost, [g.numpy() for g in result.grads]
+
+    def ufldl_cost(data):
+        cost, grad = ufldl.sparse_autoencoder_cost(theta, N_IN, N_HID, LAMBDA, RHO, BETA, data)
+        W1g, W2g, b1g, b2g = ufldl.unpack_theta(grad, N_IN, N_HID)
+        return cost, [W1g, b1g, W2g, b2g]
+
+    timed = {
+        "(a) ufldl, data Fortran-ordered": lambda: ufldl_cost(data_f),
+        "(a) ufldl, data C-ordered": lambda: ufldl_cost(data_c),
+        "(b) classic.cost_and_grad (model)": model_step,
+        "(c) plain NumPy": lambda: plain_numpy(W1_c, W2_c, b1, b2, data_numpy, LAMBDA, RHO, BETA),
+    }
+    return timed
+
+
+def run(rows: np.ndarray, dtype: torch.dtype, repeats: int) -> None:
+    timed = candidates(rows, dtype)
+    products = peak_products(dtype)
+    jobs = {**timed, **products}
+    outputs = {name: f() for name, f in timed.items()}  # warm-up (workspaces, page faults) and results
+    for f in products.values():
+        f()
+    times = {name: [] for name in jobs}
+    order = list(jobs)
+    for _ in range(repeats):
+        random.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            jobs[name]()
+            times[name].append(time.perf_counter() - t)
+
+    def summary(name):
+        return float(np.median(times[name])), min(times[name])
+
+    # The peak: each product's best over repeats, the faster library; median likewise from medians.
+    peak_median = sum(min(summary(f"{lib} {p}")[0] for lib in ("numpy", "torch")) for p in _product_names(products))
+    peak_best = sum(min(summary(f"{lib} {p}")[1] for lib in ("numpy", "torch")) for p in _product_names(products))
+    base_median, base_best = summary("(c) plain NumPy")
+    reference = [np.asarray(g, np.float64) for g in outputs["(c) plain NumPy"][1]]
+    ref_cost = outputs["(c) plain NumPy"][0]
+
+    print(f"\n{dtype}  ({GFLOP:.2f} GFLOP per evaluation)")
+    print("  matrix products alone (ms, median / best):")
+    for p in _product_names(products):
+        (nm, nb), (tm, tb) = summary(f"numpy {p}"), summary(f"torch {p}")
+        print(f"    {p:30s} numpy {nm * 1e3:6.1f} / {nb * 1e3:6.1f}   torch {tm * 1e3:6.1f} / {tb * 1e3:6.1f}")
+    print(f"  {'':36s}  median ms  best ms  GFLOP/s  % of peak  x NumPy  grad rel. diff  cost rel. diff")
+    print(f"  {'(d) peak: the five products alone':36s}  {peak_median * 1e3:9.1f}  {peak_best * 1e3:7.1f}"
+          f"  {GFLOP / peak_best:7.1f}  {100:8.0f}%  {base_best / peak_best:6.2f}x")
+    for name in timed:
+        med, best = summary(name)
+        cost, grads = outputs[name]
+        line = f"  {name:36s}  {med * 1e3:9.1f}  {best * 1e3:7.1f}  {GFLOP / best:7.1f}  {100 * peak_best / best:8.0f}%"
+        line += f"  {base_best / best:6.2f}x"
+        if name != "(c) plain NumPy":
+            line += f"  {max_relative_difference(grads, reference):14.1e}  {abs(cost - ref_cost) / abs(ref_cost):14.1e}"
+        print(line)
+    med, best = summary("(b) classic.cost_and_grad (model)")
+    fraction = peak_best / best
+    print(f"  verdict, {dtype}: cost_and_grad at {100 * fraction:.0f}% of peak, {base_best / best:.2f}x plain NumPy"
+          f" (medians: {100 * peak_median / med:.0f}%, {base_median / med:.2f}x); goal >= {100 * GOAL:.0f}% of peak,"
+          f" here {GOAL * base_best / peak_best:.2f}x NumPy: {'MET' if fraction >= GOAL else 'NOT MET'}")
+
+
+def _product_names(products: dict) -> list:
+    return [name.split(" ", 1)[1] for name in products if name.startswith("numpy ")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per candidate (default 7)")
+    args = parser.parse_args()
+    rows, source = load_data()
+    random.seed(0)
+    from threadpoolctl import threadpool_info
+
+    blas = ", ".join(f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info())
+    print(f"data: {source}; m={M}, {N_IN} inputs, {N_HID} hidden; {args.repeats} repeats")
+    print(f"threads: torch {torch.get_num_threads()}; {blas}; load average {os.getloadavg()[0]:.1f} (other processes skew times)")
+    for dtype in (torch.float64, torch.float32):
+        run(rows, dtype, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""saekit.training and saekit.metrics: the optimizers lower J (measured by our own J), both ways of
+computing J agree, Ctrl-C keeps the last accepted point, and a seed fixes the result."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import reference_cost
+from saekit import training
+from saekit.config import TrainConfig
+from saekit.data import corrupt
+from saekit.metrics import evaluate
+from saekit.model import SparseAutoencoder
+from saekit.training import fit, full_batch_objective, is_classic, loss_terms, train_lbfgs
+
+N_HIDDEN = 9
+
+
+@pytest.fixture(scope="module")
+def x(patches):
+    return torch.from_numpy(patches[:200].copy())
+
+
+def _J(model, x, cfg, target=None):
+    """Our own J at the model's current parameters (classic sigmoid/KL cost)."""
+    W1, b1, W2, b2 = (p.detach().to(x.dtype) for p in (model.W1, model.b1, model.W2, model.b2))
+    return float(reference_cost(W1, b1, W2, b2, x, cfg.weight_decay, cfg.rho, cfg.beta, target=target))
+
+
+def _check_rows(history, n):
+    assert [row["step"] for row in history] == list(range(1, n + 1))
+    for row in history:
+        assert row["cost"] == pytest.approx(row["reconstruction"] + row["weight_decay"] + row["sparsity"], rel=1e-12)
+        assert 0 < row["rho_hat_mean"] < 1
+
+
+# --- L-BFGS ----------------------------------------------------------------------------------
+
+
+def test_lbfgs_lowers_the_cost_with_one_history_row_per_iteration(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=10)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    start = _J(model, x, cfg)
+    history, interrupted = fit(model, x, cfg, progress=False)
+    assert not interrupted
+    _check_rows(history, 10)
+    costs = [row["cost"] for row in history]
+    assert all(b <= a for a, b in zip(costs, costs[1:]))  # L-BFGS's line search only accepts descent
+    end = _J(model, x, cfg)
+    assert end < 0.5 * start
+    assert costs[-1] == pytest.approx(end, rel=1e-10)  # the model holds the last accepted point
+
+
+def test_lbfgs_in_float32(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=5, dtype="float32")
+    model = SparseAutoencoder(64, N_HIDDEN, dtype=torch.float32, seed=0)
+    start = _J(model, x.double(), cfg)
+    history, _ = fit(model, x.float(), cfg, progress=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(history) == 5
+    assert _J(model, x.double(), cfg) < start
+
+
+@pytest.mark.parametrize("denoising", [False, True])
+def test_closed_form_and_autograd_agree_on_the_classic_case(x, denoising):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, weight_decay=1e-3, rho=0.05, beta=3.0)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=1)
+    with torch.no_grad():
+        model.b1.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    target = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)).clamp(0, 1)
+    target = target if denoising else None
+    assert is_classic(model, cfg)
+    closed, closed_grads = full_batch_objective(model, x, cfg, target)()
+    closed_grads = [g.clone() for g in closed_grads]
+    with warnings.catch_warnings():  # see test_minibatch_training_emits_no_warning
+        warnings.simplefilter("ignore")
+        loss, auto = loss_terms(model, x, cfg, target)
+    auto_grads = torch.autograd.grad(loss, list(model.parameters()))
+    for name in ("cost", "reconstruction", "weight_decay", "sparsity"):
+        assert getattr(closed, name) == pytest.approx(getattr(auto, name), rel=1e-12)
+    assert closed.cost == pytest.approx(_J(model, x, cfg, target), rel=1e-12)
+    torch.testing.assert_close(closed.rho_hat, auto.rho_hat, rtol=1e-12, atol=0)
+    for c, a in zip(closed_grads, auto_grads):
+        assert c.shape == a.shape
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-14)
+
+
+def _own_terms(W1, b1, W2, b2, x, activation, output, penalty, lambda_, rho, beta):
+    f = {"sigmoid": torch.sigmoid, "relu": lambda z: z.clamp(min=0)}[activation]
+    g = {"sigmoid": torch.sigmoid, "linear": lambda z: z}[output]
+    h = f(x @ W1.T + b1)
+    x_hat = g(h @ W2.T + b2)
+    m = x.shape[0]
+    rec = 0.5 * ((x_hat - x) ** 2).sum() / m
+    decay = lambda_ / 2 * ((W1**2).sum() + (W2**2).sum())
+    if penalty == "kl":
+        q = h.mean(0)
+        sparsity = beta * (rho * torch.log(rho / q) + (1 - rho) * torch.log((1 - rho) / (1 - q))).sum()
+    elif penalty == "l1":
+        sparsity = beta * h.abs().sum() / m
+    elif penalty == "contractive":  # sum_j f'(z_ij)^2 ||W1[j]||^2, averaged over examples
+        z = x @ W1.T + b1
+        slope = torch.sigmoid(z) * (1 - torch.sigmoid(z)) if activation == "sigmoid" else (z > 0).to(z.dtype)
+        sparsity = beta * (slope**2 * (W1**2).sum(1)).sum() / m
+    else:
+        sparsity = torch.zeros((), dtype=x.dtype)
+    return rec, decay, sparsity
+
+
+@pytest.mark.parametrize(
+    "activation, output, penalty",
+    [("relu", "linear", "l1"), ("relu", "sigmoid", "l1"), ("sigmoid", "linear", "kl"), ("sigmoid", "sigmoid", "none"),
+     ("sigmoid", "sigmoid", "l1"), ("sigmoid", "sigmoid", "contractive"), ("relu", "linear", "contractive")],
+)
+def test_autograd_objective_matches_our_own_cost(x, activation, output, penalty):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, activation=activation, output=output, penalty=penalty, weight_decay=1e-3)
+    model = SparseAutoencoder(64, N_HIDDEN, activation, output, seed=2)
+    with torch.no_grad():
+        model.b1.fill_(0.1)
+    assert not is_classic(model, cfg)
+    ev, grads = full_batch_objective(model, x, cfg)()
+    leaves = [p.detach().clone().requires_grad_() for p in (model.W1, model.b1, model.W2, model.b2)]
+    rec, decay, sparsity = _own_terms(*leaves, x, activation, output, penalty, cfg.weight_decay, cfg.rho, cfg.beta)
+    assert ev.reconstruction == pytest.approx(rec.item(), rel=1e-12)
+    assert ev.weight_decay == pytest.approx(decay.item(), rel=1e-12)
+    assert ev.sparsity == pytest.approx(sparsity.item(), rel=1e-12, abs=1e-300)
+    expected = torch.autograd.grad(rec + decay + sparsity, leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+class _Interrupting:
+    """An objective that behaves like Ctrl-C on its n-th evaluation."""
+
+    def __init__(self, objective, n):
+        self.objective, self.n, self.calls = objective, n, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise KeyboardInterrupt
+        return self.objective()
+
+
+def test_ctrl_c_keeps_the_last_accepted_parameters(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    start = _J(model, x, cfg)
+    objective = _Interrupting(full_batch_objective(model, x, cfg), n=9)
+    history, interrupted = train_lbfgs(model, objective, max_iter=50, progress=False)
+    assert interrupted and objective.calls == 9
+    assert 1 <= len(history) < 9
+    _check_rows(history, len(history))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Not the trial point the interrupted evaluation was at: the last point the history recorded.
+    assert _J(model, x, cfg) == pytest.approx(history[-1]["cost"], rel=1e-10)
+    assert history[-1]["cost"] < start
+
+
+def test_ctrl_c_before_the_first_iteration_restores_the_initial_parameters(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    initial = [p.detach().clone() for p in model.parameters()]
+    objective = _Interrupting(full_batch_objective(model, x, cfg), n=2)
+    history, interrupted = train_lbfgs(model, objective, max_iter=50, progress=False)
+    assert interrupted and history == []
+    for p, q in zip(model.parameters(), initial):
+        assert torch.equal(p.detach(), q)
+
+
+def test_corrupt():
+    x = torch.full((200, 50), 0.5, dtype=torch.float64)
+    masked = corrupt(x, "mask", 0.3, torch.Generator().manual_seed(0))
+    zeroed = float((masked == 0).double().mean())
+    assert 0.27 < zeroed < 0.33 and torch.all((masked == 0) | (masked == x))
+    noisy = corrupt(x, "gaussian", 0.2, torch.Generator().manual_seed(0))
+    assert float((noisy - x).std()) == pytest.approx(0.2, rel=0.03) and abs(float((noisy - x).mean())) < 0.01
+    assert torch.equal(corrupt(x, "none", 0.3, torch.Generator()), x)
+
+
+def test_lbfgs_denoising_reconstructs_the_clean_input_from_a_corrupted_copy(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=3, corruption="mask", corruption_level=0.3, seed=5)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    history, _ = fit(model, x, cfg, progress=False)
+    corrupted = corrupt(x, "mask", 0.3, torch.Generator().manual_seed(5))
+    assert not torch.equal(corrupted, x)
+    # J of the corrupted input against the clean target, and not J of the clean input:
+    assert history[-1]["cost"] == pytest.approx(_J(model, corrupted, cfg, target=x), rel=1e-10)
+    assert history[-1]["cost"] != pytest.approx(_J(model, x, cfg), rel=1e-6)
+
+
+# --- minibatch -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 1.0)])
+def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer=optimizer, epochs=5, batch_size=50, lr=lr)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    start = _J(model, x, cfg)
+    history, interrupted = fit(model, x, cfg, progress=False)
+    assert not interrupted
+    _check_rows(history, 5)
+    assert _J(model, x, cfg) < 0.8 * start
+
+
+def test_minibatch_ctrl_c_returns_the_epochs_done(x, monkeypatch):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer="adam", epochs=5, batch_size=50, lr=1e-2)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    calls = {"n": 0}
+
+    def interrupting(*args, **kw):  # 200 examples / 50 = 4 batches per epoch; stop in the second epoch
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return loss_terms(*args, **kw)
+
+    monkeypatch.setattr(training, "loss_terms", interrupting)
+    history, interrupted = fit(model, x, cfg, progress=False)
+    assert interrupted and len(history) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.xfail(reason="BUG: loss_terms calls float() on tensors that require grad, so every autograd "
+                   "run (adam, sgd, relu, l1) prints torch's UserWarning 'Converting a tensor with requires_grad=True "
+                   "to a scalar'", strict=True)
+def test_minibatch_training_emits_no_warning(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer="adam", epochs=1, batch_size=100, lr=1e-2)
+    torch.set_warn_always(True)  # torch shows this warning once per process; make every one visible
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fit(SparseAutoencoder(64, N_HIDDEN, seed=0), x, cfg, progress=False)
+    finally:
+        torch.set_warn_always(False)
+
+
+@pytest.mark.parametrize("settings", [dict(max_iter=5), dict(optimizer="adam", epochs=2, batch_size=64, lr=1e-2)])
+def test_same_seed_gives_identical_weights(x, settings):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, seed=3, **settings)
+    weights = []
+    for _ in range(2):
+        model = SparseAutoencoder(64, N_HIDDEN, seed=cfg.seed)
+        fit(model, x, cfg, progress=False)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+    other = SparseAutoencoder(64, N_HIDDEN, seed=4)
+    fit(other, x, TrainConfig(n_hidden=N_HIDDEN, seed=4, **settings), progress=False)
+    assert not torch.equal(other.W1, weights[0][0])
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_evaluate_against_our_own_numbers(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    with torch.no_grad():
+        model.b1.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+    metrics = evaluate(model, x, cfg)
+    W1, b1, W2, b2 = (p.detach().numpy() for p in (model.W1, model.b1, model.W2, model.b2))
+    X = x.numpy()
+    a2 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
+    X_hat = 1 / (1 + np.exp(-(a2 @ W2.T + b2)))
+    rho_hat = a2.mean(0)
+    assert metrics["n_examples"] == 200
+    assert metrics["cost"] == pytest.approx(_J(model, x, cfg), rel=1e-12)
+    assert metrics["rho_hat_mean"] == pytest.approx(rho_hat.mean(), rel=1e-12)
+    assert metrics["rho_hat_min"] == pytest.approx(rho_hat.min(), rel=1e-12)
+    assert metrics["rho_hat_max"] == pytest.approx(rho_hat.max(), rel=1e-12)
+    assert metrics["rho_hat_std"] == pytest.approx(rho_hat.std(ddof=1), rel=1e-10)
+    assert metrics["mse"] == pytest.approx(((X_hat - X) ** 2).mean(), rel=1e-12)
+    assert metrics["fvu"] == pytest.approx(((X_hat - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum(), rel=1e-12)
