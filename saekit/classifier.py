@@ -20,6 +20,7 @@ minibatch Adam (`Solver`). Examples are rows: x (m, n_features) and integer labe
 KeyboardInterrupt, so a pipeline does not go on with a half-trained model.
 """
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .model import ACTIVATIONS, SparseAutoencoder
+from .model import SparseAutoencoder
 from .penalties import weight_decay
 from .pictures import confusion_matrix_image, save_png
 from .training import Evaluation, train_lbfgs
@@ -100,18 +101,17 @@ def _floats(terms) -> list[float]:
     return torch.stack(terms).detach().tolist()
 
 
-def minimize(module: nn.Module, cost, x, y, solver: Solver, progress: bool = False) -> list[dict]:
-    """Minimise cost(x, y) -> (J, nll, decay) over module.parameters(); returns the history.
+def minimize(params: list[nn.Parameter], cost, x, y, solver: Solver, progress: bool = False) -> list[dict]:
+    """Minimise cost(x, y) -> (J, nll, decay) over params, in place; returns the history.
 
     One history row per L-BFGS iteration or Adam epoch: step, cost, nll, weight_decay, seconds.
     """
     if solver.optimizer == "lbfgs":
-        return _lbfgs(module, cost, x, y, solver, progress)
-    return _adam(module, cost, x, y, solver, progress)
+        return _lbfgs(params, cost, x, y, solver, progress)
+    return _adam(params, cost, x, y, solver, progress)
 
 
-def _lbfgs(module, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
-    params = list(module.parameters())
+def _lbfgs(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
     not_a_sparse_code = torch.full((1,), float("nan"))  # train_lbfgs reports a mean rho_hat; there is none here
 
     def objective():
@@ -120,15 +120,16 @@ def _lbfgs(module, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
         J, nll, decay = _floats(terms)
         return Evaluation(J, nll, decay, 0.0, not_a_sparse_code), grads
 
-    history, interrupted = train_lbfgs(module, objective, solver.max_iter, solver.memory, progress)
+    # train_lbfgs optimises model.parameters(): a ParameterList of these tensors has just them.
+    history, interrupted = train_lbfgs(nn.ParameterList(params), objective, solver.max_iter, solver.memory, progress)
     if interrupted:
         raise KeyboardInterrupt
     # train_lbfgs names the data term "reconstruction"; for a classifier it is the NLL.
     return [_row(r["step"], r["cost"], r["reconstruction"], r["weight_decay"], r["seconds"]) for r in history]
 
 
-def _adam(module, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
-    optimizer = torch.optim.Adam(module.parameters(), lr=solver.lr)
+def _adam(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
+    optimizer = torch.optim.Adam(params, lr=solver.lr)
     generator = torch.Generator().manual_seed(solver.seed)
     history, started, m = [], time.perf_counter(), x.shape[0]
     with tqdm(total=solver.epochs, desc="adam", unit="epoch", disable=not progress, dynamic_ncols=True) as bar:
@@ -181,7 +182,7 @@ class SoftmaxRegression(nn.Module):
         """Train on x (m, n_features) and labels y (m,); returns the history (see `minimize`)."""
         x = to_rows(x, self.theta.dtype, self.theta.device, self.n_features)
         y = to_labels(y, x.shape[0], self.n_classes, x.device)
-        return minimize(self, self.cost, x, y, solver, progress)
+        return minimize(list(self.parameters()), self.cost, x, y, solver, progress)
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:
@@ -190,26 +191,18 @@ class SoftmaxRegression(nn.Module):
         return self(x).argmax(1).cpu().numpy()
 
 
-class Encoder(nn.Module):
-    """A sparse autoencoder's encoding half, h = f(x W1^T + b1): (batch, n_inputs) -> (batch, n_hidden).
-
-    It holds copies of W1 and b1, so fine-tuning leaves the autoencoder it came from unchanged.
-    """
-
-    def __init__(self, sae: SparseAutoencoder):
-        super().__init__()
-        self.activation = sae.activation
-        self.W1 = nn.Parameter(sae.W1.detach().clone())
-        self.b1 = nn.Parameter(sae.b1.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ACTIVATIONS[self.activation](torch.addmm(self.b1, x, self.W1.t()))
+def encoder_features(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """An autoencoder's dense codes of x: (batch, n_inputs) -> (batch, n_hidden); its decoder is not used."""
+    return sae.dense_codes(sae.sparsify(sae.encode(x)))
 
 
 class FeatureClassifier(nn.Module):
-    """Encoders in order (decoders dropped), then a softmax on the last one's hidden activations.
+    """Encoders in order, then a softmax on the last one's codes: x (batch, n_inputs) -> logits.
 
-    Parameters, in order: each encoder's W1 and b1, then the softmax's theta and b.
+    It holds copies of the autoencoders, so fine-tuning leaves the given ones as they were, and
+    runs only their encoding half. The decoders are dropped from training: W2 (and b2, unless
+    the autoencoder subtracts it before encoding) are frozen. The encoders run in inference mode
+    (a batchtopk autoencoder then uses its threshold).
     """
 
     def __init__(self, encoders: list[SparseAutoencoder], n_classes: int, weight_decay: float = 1e-4, seed: int = 0):
@@ -220,16 +213,24 @@ class FeatureClassifier(nn.Module):
             if upper.n_inputs != lower.n_hidden:
                 raise UserError(f"autoencoder {i + 1} takes {upper.n_inputs} inputs but autoencoder {i} has "
                                 f"{lower.n_hidden} hidden units; each layer must be trained on the previous one's features.")
-        self.encoders = nn.ModuleList(Encoder(sae) for sae in encoders)
+        self.encoders = nn.ModuleList(copy.deepcopy(sae) for sae in encoders)
+        for sae in self.encoders:
+            sae.W2.requires_grad_(False)
+            sae.b2.requires_grad_(sae.pre_bias)
         W1 = encoders[0].W1
         self.softmax = SoftmaxRegression(encoders[-1].n_hidden, n_classes, weight_decay, W1.dtype, W1.device, seed)
         self.n_inputs, self.n_classes = encoders[0].n_inputs, n_classes
+        self.train(False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last encoder's hidden activations: (batch, n_inputs) -> (batch, n_hidden_last)."""
-        for encoder in self.encoders:
-            x = encoder(x)
+        """The last encoder's codes: (batch, n_inputs) -> (batch, n_hidden of the last)."""
+        for sae in self.encoders:
+            x = encoder_features(sae, x)
         return x
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What fine-tuning trains: each encoder's W1, b1 (b2 with pre_bias, a JumpReLU's thresholds), theta, b."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_classes)."""
@@ -238,7 +239,7 @@ class FeatureClassifier(nn.Module):
     def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float):
         """Fine-tuning's (J, nll, weight decay): (lambda/2) times the squared norms of every W1 and theta."""
         nll = F.cross_entropy(self(x), y)
-        decay = weight_decay(lambda_, *(e.W1 for e in self.encoders), self.softmax.theta)
+        decay = weight_decay(lambda_, *(sae.W1 for sae in self.encoders), self.softmax.theta)
         return nll + decay, nll, decay
 
     def _data(self, x, y):
@@ -270,7 +271,7 @@ class FeatureClassifier(nn.Module):
         if not lambda_ >= 0:
             raise UserError(f"fine-tuning weight decay must be >= 0 (got {lambda_}).")
         x, y = self._data(x, y)
-        return minimize(self, lambda xb, yb: self.cost(xb, yb, lambda_), x, y, solver, progress)
+        return minimize(self.trainable(), lambda xb, yb: self.cost(xb, yb, lambda_), x, y, solver, progress)
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:

@@ -43,8 +43,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     docs = field_docs(TrainConfig)
     group = parser.add_argument_group("settings (override the preset)")
     for f in dataclasses.fields(TrainConfig):
-        group.add_argument(f"--{dashed(f.name)}", dest=f.name, type=_field_type(f.type), default=None,
-                           metavar=f.name.upper(), help=f"{docs.get(f.name, '')} (default: {f.default})")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if f.type is bool:
+            group.add_argument(f"--{dashed(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(f"--{dashed(f.name)}", dest=f.name, type=_field_type(f.type), default=None,
+                               metavar=f.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

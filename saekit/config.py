@@ -19,7 +19,9 @@ from .errors import UserError
 class TrainConfig:
     # --- data
     data: str = "natural-patches"
-    """Training data: 'natural-patches' (whitened photographs bundled with scikit-image, or IMAGES.mat with --images-mat), 'mnist' or 'fashion-mnist'."""
+    """Training data: 'natural-patches' (whitened photographs bundled with scikit-image, or IMAGES.mat with --images-mat), 'mnist', 'fashion-mnist', 'synthetic' (a known random dictionary, see --synthetic-atoms), or the path of vectors to stream: a .npy file, a .safetensors file or a folder of such shards."""
+    data_key: str | None = None
+    """Name of the tensor to read in .safetensors files (default: the only 2-D tensor)."""
     images_mat: str | None = None
     """Path to UFLDL's IMAGES.mat (512x512x10 whitened images); patches are then sampled from it."""
     data_dir: str | None = None
@@ -28,6 +30,12 @@ class TrainConfig:
     """Number of training examples: patches sampled from the images, or the first MNIST training images."""
     digits: str | None = None
     """Keep only these classes of MNIST / Fashion-MNIST, e.g. '5-9' or '0,2,4' (before taking --n-examples)."""
+    synthetic_inputs: int = 64
+    """Synthetic data: width of the vectors."""
+    synthetic_atoms: int = 256
+    """Synthetic data: atoms in the true dictionary."""
+    synthetic_k: int = 8
+    """Synthetic data: atoms active in each example."""
     patch_size: int = 8
     """Side of the square image patches, in pixels."""
     corruption: str = "none"
@@ -38,7 +46,21 @@ class TrainConfig:
     n_hidden: int = 25
     """Number of hidden units (the size of the sparse code)."""
     activation: str = "sigmoid"
-    """Hidden activation: 'sigmoid' (UFLDL) or 'relu'."""
+    """Hidden activation: 'sigmoid' (UFLDL), 'relu', 'topk', 'batchtopk' or 'jumprelu'."""
+    k: int = 32
+    """topk / batchtopk: codes kept per example (on average over the batch for batchtopk)."""
+    pre_bias: bool = False
+    """Subtract the decoder bias b2 from the input before encoding (modern dictionaries)."""
+    decoder_bias_init: str = "zeros"
+    """Initial decoder bias b2: 'zeros', 'mean' or 'geometric-median' of the training data."""
+    tied_init: bool = False
+    """Start the decoder as the encoder's transpose, with unit-norm columns."""
+    normalize_decoder: bool = False
+    """Keep the decoder's columns at unit norm (the gradient's component along each column is removed)."""
+    jumprelu_threshold: float = 0.001
+    """jumprelu: initial threshold of every unit."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width of the straight-through estimator's window."""
     output: str = "sigmoid"
     """Output activation: 'sigmoid' (UFLDL; inputs must lie in [0, 1]) or 'linear'."""
     # --- cost
@@ -49,7 +71,13 @@ class TrainConfig:
     beta: float = 3.0
     """Weight of the sparsity penalty (see --penalty); 0 turns it off."""
     penalty: str = "kl"
-    """Penalty on the codes: 'kl' (beta * sum_j KL(rho || rho_hat_j)), 'l1' (beta * mean_i ||h_i||_1), 'contractive' (beta * mean_i ||dh_i/dx_i||_F^2) or 'none'."""
+    """Penalty on the codes: 'kl' (beta * sum_j KL(rho || rho_hat_j)), 'l1' (beta * mean_i ||h_i||_1), 'l1-decoder' (beta * mean_i sum_j |h_ij| ||W2[:, j]||), 'l0' (jumprelu: beta * mean_i #active), 'contractive' (beta * mean_i ||dh_i/dx_i||_F^2) or 'none'."""
+    aux_k: int = 0
+    """topk / batchtopk: AuxK loss, reconstructing the residual from this many dead units (0: off)."""
+    aux_coefficient: float = 0.03125
+    """Weight of the AuxK loss."""
+    dead_after: int = 10_000_000
+    """A unit is dead when it has not fired in this many training examples."""
     # --- optimisation
     optimizer: str = "lbfgs"
     """'lbfgs' (full batch, as UFLDL's minFunc), 'adam' or 'sgd' (minibatches)."""
@@ -65,6 +93,20 @@ class TrainConfig:
     """Learning rate (adam, sgd)."""
     rho_momentum: float = 0.9
     """Minibatch training: weight of the old value in the running estimate of rho_hat."""
+    steps: int = 0
+    """Minibatch steps to train (0: --epochs passes over the data)."""
+    shuffle_buffer: int = 65536
+    """Minibatch training: rows held in memory for shuffling a streamed data set."""
+    scale_inputs: bool = False
+    """Scale inputs to unit mean squared norm while training; the scale is folded into the saved weights."""
+    autocast: str = "none"
+    """Mixed precision: 'none', 'bf16' or 'fp16' (torch.autocast on the --device)."""
+    log_every: int = 50
+    """Minibatch training: steps between rows of history.csv."""
+    checkpoint_every: int = 500
+    """Minibatch training: steps between checkpoints (one is also written at the end and on Ctrl-C)."""
+    tensorboard: bool = False
+    """Also log the history to TensorBoard (needs the tensorboard package)."""
     # --- run
     dtype: str = "float64"
     """Floating-point type of the model and the data: 'float64' or 'float32'."""
@@ -75,16 +117,24 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        positive_ints = ("n_examples", "patch_size", "n_hidden", "max_iter", "lbfgs_memory", "epochs", "batch_size")
+        positive_ints = ("n_examples", "patch_size", "n_hidden", "max_iter", "lbfgs_memory", "epochs", "batch_size",
+                         "k", "synthetic_inputs", "synthetic_atoms", "synthetic_k", "shuffle_buffer", "log_every",
+                         "checkpoint_every", "dead_after")
+        for name in ("steps", "aux_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"--{dashed(name)} must be a whole number >= 0 (got {getattr(self, name)!r})")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"--{dashed(name)} must be a whole number >= 1 (got {value!r})")
         if not 0 < self.rho < 1:
             problems.append(f"--rho must lie strictly between 0 and 1 (got {self.rho})")
-        for name in ("beta", "weight_decay"):
+        for name in ("beta", "weight_decay", "aux_coefficient"):
             if not getattr(self, name) >= 0:  # also catches NaN
                 problems.append(f"--{dashed(name)} must be >= 0 (got {getattr(self, name)})")
+        for name in ("jumprelu_threshold", "jumprelu_bandwidth"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{dashed(name)} must be > 0 (got {getattr(self, name)})")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
         if not self.corruption_level >= 0 or (self.corruption == "mask" and not self.corruption_level < 1):
@@ -92,11 +142,12 @@ class TrainConfig:
         if not 0 <= self.rho_momentum < 1:
             problems.append(f"--rho-momentum must lie in [0, 1) (got {self.rho_momentum})")
         choices = {
-            "data": ("natural-patches", "mnist", "fashion-mnist"),
             "corruption": ("none", "mask", "gaussian"),
-            "activation": ("sigmoid", "relu"),
+            "activation": ("sigmoid", "relu", "topk", "batchtopk", "jumprelu"),
+            "decoder_bias_init": ("zeros", "mean", "geometric-median"),
+            "autocast": ("none", "bf16", "fp16"),
             "output": ("sigmoid", "linear"),
-            "penalty": ("kl", "l1", "contractive", "none"),
+            "penalty": ("kl", "l1", "l1-decoder", "l0", "contractive", "none"),
             "optimizer": ("lbfgs", "adam", "sgd"),
             "dtype": ("float64", "float32"),
         }
@@ -105,6 +156,14 @@ class TrainConfig:
                 problems.append(f"--{dashed(name)} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.penalty == "kl" and self.activation != "sigmoid":
             problems.append("--penalty kl needs --activation sigmoid (rho_hat must be a mean firing rate in (0, 1)); use --penalty l1 with relu")
+        if self.penalty == "l0" and self.activation != "jumprelu":
+            problems.append("--penalty l0 needs --activation jumprelu (its threshold makes the count differentiable)")
+        if self.penalty in ("contractive",) and self.activation not in ("sigmoid", "relu"):
+            problems.append("--penalty contractive needs --activation sigmoid or relu")
+        if self.activation in ("topk", "batchtopk", "jumprelu") and self.optimizer == "lbfgs":
+            problems.append(f"--activation {self.activation} trains with minibatches: use --optimizer adam")
+        if self.aux_k and self.activation not in ("topk", "batchtopk"):
+            problems.append("--aux-k needs --activation topk or batchtopk")
         try:
             parse_digits(self.digits)
         except UserError as e:

@@ -2,7 +2,7 @@
 
 Under `torchrun --nproc-per-node N`, every process trains the same model on its own slice of
 each global batch and, after each backward pass, the gradients are summed across processes
-with one all-reduce (what torch's DistributedDataParallel does), so every process takes the
+with one all-reduce and averaged (what torch's DistributedDataParallel does), so every process takes the
 same step. Statistics that depend on the whole batch (the running rho_hat of the KL penalty,
 BatchTopK's threshold, dead-latent counts, loss normalisers) are reduced too, which makes N
 processes follow exactly the path of one process with the same global batch.
@@ -70,13 +70,14 @@ def any_true(flag: bool) -> bool:
     return bool(max_int(int(flag)))
 
 
-def sum_gradients(params) -> None:
-    """Sum the gradients of params over processes with one all-reduce of a flat buffer."""
+def average_gradients(params) -> None:
+    """Average the gradients of params over processes with one all-reduce of a flat buffer."""
     if not is_distributed():
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -59,14 +59,21 @@ class RunningRhoHat:
     def load_state_dict(self, state: dict) -> None:
         self.rho_hat = state["rho_hat"]
 
-    def penalty(self, h: torch.Tensor, rho: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value)."""
+    def penalty(self, h: torch.Tensor, rho: float, beta: float, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value).
+
+        `reduce` sums a tensor over processes (data-parallel training), so the running estimate
+        follows the global batch's mean; by default the batch is all there is.
+        """
         batch_mean = h.mean(0)
         with torch.no_grad():
+            sums = torch.cat([h.sum(0), h.new_tensor([h.shape[0]])])
+            sums = reduce(sums) if reduce is not None else sums
+            global_mean = sums[:-1] / sums[-1]
             if self.rho_hat is None:
-                self.rho_hat = batch_mean.detach().clone()
+                self.rho_hat = global_mean.clone()
             else:
-                self.rho_hat.mul_(self.momentum).add_(batch_mean.detach(), alpha=1 - self.momentum)
+                self.rho_hat.mul_(self.momentum).add_(global_mean, alpha=1 - self.momentum)
             slope = kl_derivative(rho, self.rho_hat)
             reported = beta * kl_divergence(rho, self.rho_hat).sum()
         return beta * (slope * batch_mean).sum(), reported

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .classifier import FeatureClassifier, Solver, SoftmaxRegression, evaluate_classifier, to_rows
+from .classifier import FeatureClassifier, Solver, SoftmaxRegression, encoder_features, evaluate_classifier, to_rows
 from .config import TrainConfig
 from .errors import UserError
 from .model import SparseAutoencoder
@@ -52,7 +52,7 @@ def pretrain_stack(x, layer_sizes=(200, 200), cfg: TrainConfig | None = None, pr
             raise KeyboardInterrupt
         layers.append(sae)
         with torch.no_grad():
-            h = sae.sparsify(sae.encode(h))
+            h = encoder_features(sae, h)
     return layers
 
 

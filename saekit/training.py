@@ -18,11 +18,17 @@ import scipy.optimize
 import torch
 from tqdm.auto import tqdm
 
-from . import classic
+from . import classic, distributed
+from .activations import SparseCodes
 from .config import TrainConfig
-from .model import SparseAutoencoder
 from .data import corrupt
+from .data.vectors import VectorStream, geometric_median, mean_and_mean_squared_norm, open_vectors
+from .model import SPARSE_ACTIVATIONS, SparseAutoencoder
 from .penalties import RunningRhoHat, contractive, kl_divergence, weight_decay
+from .sparse_decode import sparse_decode
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATISTICS_ROWS = 65536  # rows read to estimate the input scale and the mean
 
 
 class Evaluation(NamedTuple):
@@ -159,39 +165,187 @@ def train_lbfgs(model, objective, max_iter: int, memory: int = 100, progress: bo
     return history, interrupted
 
 
-def train_minibatch(model, x, cfg: TrainConfig, target=None, progress: bool = True) -> tuple[list, bool]:
-    """Adam or SGD over shuffled minibatches of x (m, n_inputs); one history row per epoch.
+class Minibatch:
+    """Minibatch training (Adam or SGD) on a stream of vectors, for every kind of sparse autoencoder.
 
-    The KL penalty uses a running estimate of rho_hat (see `RunningRhoHat` for why).
-    Returns (history, interrupted).
+    One step: take the next batch (this process's slice of the global batch under torchrun),
+    corrupt it for a denoising autoencoder, compute the loss, back-propagate, sum the gradients
+    across processes, keep the decoder's columns at unit norm if asked, step, and update the
+    dead-unit counters. Everything needed to continue exactly where it stopped is in
+    `state_dict()`: the step, optimizer moments, the stream's position, the counters, the running
+    rho_hat and the input scale, so an interrupted run resumed gives the same weights as an
+    uninterrupted one.
     """
-    params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
-    running = RunningRhoHat(model.n_hidden, cfg.rho_momentum) if cfg.penalty == "kl" else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history, started, interrupted = [], time.perf_counter(), False
-    m = x.shape[0]
-    with _progress(cfg.epochs, cfg.optimizer, progress) as bar:
-        try:
-            for epoch in range(1, cfg.epochs + 1):
-                totals = np.zeros(4)
-                order = torch.randperm(m, generator=generator).to(x.device)
-                for start in range(0, m, cfg.batch_size):
-                    rows = order[start : start + cfg.batch_size]
-                    clean = x[rows] if target is None else target[rows]
-                    x_in = corrupt(x[rows], cfg.corruption, cfg.corruption_level, generator)
-                    loss, ev = loss_terms(model, x_in, cfg, clean, running)
-                    optimizer.zero_grad(set_to_none=True)
+
+    def __init__(self, model: SparseAutoencoder, source, cfg: TrainConfig, state: dict | None = None):
+        self.model, self.cfg = model, cfg
+        params = list(model.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
+        self.stream = VectorStream(source, cfg.batch_size, min(cfg.shuffle_buffer, source.n), seed=cfg.seed,
+                                   dtype=model.W1.dtype, rank=distributed.rank(), world_size=distributed.world_size())
+        self.total_steps = cfg.steps or cfg.epochs * self.stream.steps_per_epoch
+        self.running = RunningRhoHat(model.n_hidden, cfg.rho_momentum) if cfg.penalty == "kl" else None
+        self.since_fired = torch.zeros(model.n_hidden, dtype=torch.int64)  # examples since each unit last fired
+        self.step, self.scale = 0, 1.0
+        if state is None:
+            self._initialise(source)
+        else:
+            self.load_state_dict(state)
+
+    @torch.no_grad()
+    def _initialise(self, source) -> None:
+        """Input scale and decoder bias from the data, before the first step."""
+        cfg, model = self.cfg, self.model
+        if cfg.scale_inputs:
+            _, mean_squared_norm = mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)
+            self.scale = float(mean_squared_norm) ** -0.5
+        if cfg.decoder_bias_init != "zeros":
+            center = (geometric_median(source, seed=cfg.seed) if cfg.decoder_bias_init == "geometric-median"
+                      else mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)[0])
+            model.b2.copy_(torch.as_tensor(center) * self.scale)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "scale": self.scale, "optimizer": self.optimizer.state_dict(),
+                "stream": self.stream.state_dict(), "since_fired": self.since_fired.clone(),
+                "rho_hat": None if self.running is None else self.running.rho_hat}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.scale = state["step"], state["scale"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        self.since_fired.copy_(state["since_fired"])
+        if self.running is not None:
+            self.running.rho_hat = state["rho_hat"]
+
+    def dead(self) -> torch.Tensor:
+        """(n_hidden,) bool: units that have not fired in cfg.dead_after examples."""
+        return self.since_fired >= self.cfg.dead_after
+
+    def _loss(self, x_in, y):
+        """The loss to differentiate, and this process's sums for the history."""
+        cfg, model = self.cfg, self.model
+        aux_k = cfg.aux_k if model.activation in SPARSE_ACTIVATIONS else 0
+        dead = self.dead().to(x_in.device) if aux_k else None
+        with torch.autocast(x_in.device.type, dtype=AUTOCAST[cfg.autocast], enabled=cfg.autocast != "none"):
+            out = model(x_in, dead=dead, aux_k=aux_k)
+        x_hat = out.x_hat.to(y.dtype)
+        error = x_hat - y
+        reconstruction = 0.5 * error.pow(2).sum(1).mean()
+        h = out.h
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        penalty = sparsity = aux = decay = zero
+        if cfg.penalty == "kl":
+            penalty, sparsity = self.running.penalty(h, cfg.rho, cfg.beta, reduce=distributed.all_reduce_sum)
+        elif cfg.penalty in ("l1", "l1-decoder"):
+            codes = h.values if isinstance(h, SparseCodes) else h
+            weights = model.W2.norm(dim=0) if cfg.penalty == "l1-decoder" else None
+            if weights is not None and isinstance(h, SparseCodes):
+                codes = codes * weights[h.indices]
+            elif weights is not None:
+                codes = codes * weights
+            penalty = sparsity = cfg.beta * codes.abs().sum(1).mean()
+        elif cfg.penalty == "l0":
+            penalty = sparsity = cfg.beta * model.jumprelu.l0(out.z2)
+        elif cfg.penalty == "contractive":
+            penalty = sparsity = cfg.beta * contractive(h, model.W1, model.activation)
+        if out.aux is not None:
+            aux = cfg.aux_coefficient * _auxk_loss(error.detach(), out.aux, model)
+        if cfg.weight_decay:
+            decay = weight_decay(cfg.weight_decay, model.W1, model.W2)
+        loss = reconstruction + penalty + aux + decay
+        active = (h.values > 0) if isinstance(h, SparseCodes) else (h > 0)
+        fired = torch.zeros(model.n_hidden, dtype=torch.bool, device=y.device)
+        if isinstance(h, SparseCodes):
+            fired[h.indices[active]] = True
+        else:
+            fired = active.any(0)
+        sums = torch.stack([reconstruction + sparsity + aux + decay, reconstruction, sparsity, aux, decay]).detach() * y.shape[0]
+        sums = torch.cat([sums, torch.stack([error.pow(2).sum(), (y - y.mean(0)).pow(2).sum(), active.sum()]).detach().to(sums.dtype)])
+        return loss, sums, fired
+
+    @torch.no_grad()
+    def _remove_parallel_gradient(self) -> None:
+        """Project each decoder column's gradient off the column, so a step moves it along the unit sphere."""
+        W, G = self.model.W2.t(), self.model.W2.grad.t()
+        G.sub_((G * W).sum(1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def _normalize_decoder(self) -> None:
+        W = self.model.W2.t()
+        W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def run(self, progress: bool = True, checkpoint: Callable[[], None] | None = None) -> tuple[list, bool]:
+        """Train until total_steps; returns (history rows of this call, interrupted)."""
+        cfg, model = self.cfg, self.model
+        params = [p for p in model.parameters()]
+        world = distributed.world_size()
+        generator = torch.Generator()
+        history, started, interrupted = [], time.perf_counter(), False
+        window = torch.zeros(8, dtype=torch.float64)
+        examples_in_window, window_started = 0, time.perf_counter()
+        if cfg.normalize_decoder and self.step == 0:
+            self._normalize_decoder()
+        model.train()
+        batches = iter(self.stream)
+        with _progress(self.total_steps, cfg.optimizer, progress and distributed.is_main()) as bar:
+            bar.update(self.step)
+            try:
+                while self.step < self.total_steps:
+                    y = next(batches).to(model.W1.device) * self.scale
+                    generator.manual_seed(cfg.seed * 1_000_003 + self.step * world + distributed.rank())
+                    x_in = corrupt(y, cfg.corruption, cfg.corruption_level, generator)
+                    loss, sums, fired = self._loss(x_in, y)
+                    self.optimizer.zero_grad(set_to_none=False)
                     loss.backward()
-                    optimizer.step()
-                    totals += np.array(ev[:4]) * len(rows)
-                mean = Evaluation(*(totals / m), ev.rho_hat)
-                row = _record(history, epoch, mean, started)
-                bar.update(1)
-                bar.set_postfix(cost=f"{row['cost']:.6g}", rho_hat=f"{row['rho_hat_mean']:.4f}", refresh=False)
-        except KeyboardInterrupt:
-            interrupted = True
-    return history, interrupted
+                    distributed.average_gradients(params)
+                    if cfg.normalize_decoder:
+                        self._remove_parallel_gradient()
+                    self.optimizer.step()
+                    if cfg.normalize_decoder:
+                        self._normalize_decoder()
+                    fired = distributed.all_reduce_sum(fired.to(torch.int64)).cpu() > 0
+                    self.since_fired += y.shape[0] * world
+                    self.since_fired[fired] = 0
+                    self.step += 1
+                    window += distributed.all_reduce_sum(sums.double()).cpu()
+                    examples_in_window += y.shape[0] * world
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        row = self._row(window, examples_in_window, time.perf_counter() - window_started, started)
+                        history.append(row)
+                        bar.set_postfix(cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
+                        window.zero_()
+                        examples_in_window, window_started = 0, time.perf_counter()
+                    if checkpoint is not None and self.step % cfg.checkpoint_every == 0:
+                        checkpoint()
+            except KeyboardInterrupt:
+                interrupted = True
+        model.eval()
+        return history, interrupted
+
+    def _row(self, window, n, seconds, started) -> dict:
+        total, reconstruction, sparsity, aux, decay, squared_error, variance, active = window.tolist()
+        row = {"step": self.step, "cost": total / n, "reconstruction": reconstruction / n, "sparsity": sparsity / n,
+               "aux": aux / n, "weight_decay": decay / n, "mse": squared_error / (n * self.model.n_inputs) / self.scale ** 2,
+               "fvu": squared_error / max(variance, 1e-30), "l0": active / n,
+               "dead_fraction": float(self.dead().double().mean()),
+               "examples_per_s": round(n / max(seconds, 1e-9), 1), "seconds": round(time.perf_counter() - started, 3)}
+        if self.running is not None:
+            row["rho_hat_mean"] = float(self.running.rho_hat.mean())
+        return row
+
+
+def _auxk_loss(residual: torch.Tensor, aux: SparseCodes, model) -> torch.Tensor:
+    """AuxK: how well the dead units' codes rebuild the residual e = y - x_hat, normalised by e's variance.
+
+    The variance is the global batch's, so several processes compute the same loss as one.
+    """
+    e = -residual  # y - x_hat
+    e_hat = sparse_decode(aux.values.to(model.W2.dtype), aux.indices, model.W2.t())
+    total = distributed.all_reduce_sum(torch.cat([e.sum(0), e.new_tensor([e.shape[0]])]))
+    variance = distributed.all_reduce_sum((e - total[:-1] / total[-1]).pow(2).sum())
+    # Gradients are averaged over processes, so each one weighs its part by the process count.
+    return distributed.world_size() * (e_hat - e).pow(2).sum() / variance.clamp_min(1e-30)
 
 
 def fit(model: SparseAutoencoder, x: torch.Tensor, cfg: TrainConfig, target=None, progress: bool = True):
@@ -207,4 +361,4 @@ def fit(model: SparseAutoencoder, x: torch.Tensor, cfg: TrainConfig, target=None
             x, target = corrupt(x, cfg.corruption, cfg.corruption_level, generator), x if target is None else target
         objective = full_batch_objective(model, x, cfg, target)
         return train_lbfgs(model, objective, cfg.max_iter, cfg.lbfgs_memory, progress)
-    return train_minibatch(model, x, cfg, target, progress)
+    return Minibatch(model, open_vectors(x), cfg).run(progress)

@@ -161,7 +161,7 @@ def test_fine_tuning_cost_and_gradient():
     assert nll == pytest.approx(numpy_softmax_nll(logits, y.numpy()), rel=1e-13)
     assert got_decay == pytest.approx(decay, rel=1e-13)
 
-    params = list(clf.parameters())
+    params = clf.trainable()
     assert len(params) == 6  # W1, b1 per encoder, theta, b: no decoder weights
     grads = torch.autograd.grad(J, params)
     fd = finite_difference_grads(lambda: clf.cost(x, y, lambda_)[0], params)

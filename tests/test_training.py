@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from conftest import reference_cost
-from saekit import training
 from saekit.config import TrainConfig
-from saekit.data import corrupt
+from saekit.data import corrupt, load_training_data
 from saekit.metrics import evaluate
 from saekit.model import SparseAutoencoder
 from saekit.training import fit, full_batch_objective, is_classic, loss_terms, train_lbfgs
@@ -74,7 +73,7 @@ def test_closed_form_and_autograd_agree_on_the_classic_case(x, denoising):
     assert is_classic(model, cfg)
     closed, closed_grads = full_batch_objective(model, x, cfg, target)()
     closed_grads = [g.clone() for g in closed_grads]
-    with warnings.catch_warnings():  # see test_minibatch_training_emits_no_warning
+    with warnings.catch_warnings():  # see test_autograd_training_emits_no_warning
         warnings.simplefilter("ignore")
         loss, auto = loss_terms(model, x, cfg, target)
     auto_grads = torch.autograd.grad(loss, list(model.parameters()))
@@ -170,6 +169,15 @@ def test_ctrl_c_before_the_first_iteration_restores_the_initial_parameters(x):
         assert torch.equal(p.detach(), q)
 
 
+def test_training_data_follows_the_config():
+    data = load_training_data(TrainConfig(n_examples=30, patch_size=6, dtype="float32", seed=2))
+    assert data.x.shape == (30, 36) and data.x.dtype == torch.float32
+    assert data.image_shape == (6, 6) and data.labels is None
+    assert float(data.x.min()) >= 0.1 and float(data.x.max()) <= 0.9
+    again = load_training_data(TrainConfig(n_examples=30, patch_size=6, dtype="float32", seed=2))
+    assert torch.equal(data.x, again.x)
+
+
 def test_corrupt():
     x = torch.full((200, 50), 0.5, dtype=torch.float64)
     masked = corrupt(x, "mask", 0.3, torch.Generator().manual_seed(0))
@@ -194,49 +202,58 @@ def test_lbfgs_denoising_reconstructs_the_clean_input_from_a_corrupted_copy(x):
 # --- minibatch -------------------------------------------------------------------------------
 
 
+def _minibatch_cfg(optimizer="adam", lr=1e-2, **kw):
+    """200 examples in batches of 50: 4 steps an epoch, a history row each epoch."""
+    return TrainConfig(n_hidden=N_HIDDEN, optimizer=optimizer, lr=lr, epochs=5, batch_size=50, log_every=4, **kw)
+
+
 @pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 1.0)])
 def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer=optimizer, epochs=5, batch_size=50, lr=lr)
+    cfg = _minibatch_cfg(optimizer, lr)
     model = SparseAutoencoder(64, N_HIDDEN, seed=0)
     start = _J(model, x, cfg)
     history, interrupted = fit(model, x, cfg, progress=False)
     assert not interrupted
-    _check_rows(history, 5)
+    assert [row["step"] for row in history] == [4, 8, 12, 16, 20]
+    for row in history:
+        terms = row["reconstruction"] + row["sparsity"] + row["weight_decay"] + row.get("aux", 0.0)
+        assert row["cost"] == pytest.approx(terms, rel=1e-12)
+        assert 0 < row["rho_hat_mean"] < 1
     assert _J(model, x, cfg) < 0.8 * start
 
 
-def test_minibatch_ctrl_c_returns_the_epochs_done(x, monkeypatch):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer="adam", epochs=5, batch_size=50, lr=1e-2)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
-    calls = {"n": 0}
+def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
 
-    def interrupting(*args, **kw):  # 200 examples / 50 = 4 batches per epoch; stop in the second epoch
+    def interrupting_step(self, *args, **kw):  # Ctrl-C during the sixth step, in the second epoch
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        return loss_terms(*args, **kw)
+        return real_step(self, *args, **kw)
 
-    monkeypatch.setattr(training, "loss_terms", interrupting)
-    history, interrupted = fit(model, x, cfg, progress=False)
-    assert interrupted and len(history) == 1
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    history, interrupted = fit(model, x, _minibatch_cfg(), progress=False)
+    assert interrupted and calls["n"] == 6
+    assert [row["step"] for row in history] == [4]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.xfail(reason="BUG: loss_terms calls float() on tensors that require grad, so every autograd "
-                   "run (adam, sgd, relu, l1) prints torch's UserWarning 'Converting a tensor with requires_grad=True "
-                   "to a scalar'", strict=True)
-def test_minibatch_training_emits_no_warning(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, optimizer="adam", epochs=1, batch_size=100, lr=1e-2)
+                   "objective (relu, l1, linear outputs...) prints torch's UserWarning 'Converting a tensor with "
+                   "requires_grad=True to a scalar'", strict=True)
+def test_autograd_training_emits_no_warning(x):
+    cfg = TrainConfig(n_hidden=N_HIDDEN, activation="relu", output="linear", penalty="l1", max_iter=2)
     torch.set_warn_always(True)  # torch shows this warning once per process; make every one visible
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            fit(SparseAutoencoder(64, N_HIDDEN, seed=0), x, cfg, progress=False)
+            fit(SparseAutoencoder(64, N_HIDDEN, "relu", "linear", seed=0), x, cfg, progress=False)
     finally:
         torch.set_warn_always(False)
 
 
-@pytest.mark.parametrize("settings", [dict(max_iter=5), dict(optimizer="adam", epochs=2, batch_size=64, lr=1e-2)])
+@pytest.mark.parametrize("settings", [dict(max_iter=5), dict(optimizer="adam", epochs=2, batch_size=64, lr=1e-2, log_every=1)])
 def test_same_seed_gives_identical_weights(x, settings):
     cfg = TrainConfig(n_hidden=N_HIDDEN, seed=3, **settings)
     weights = []
