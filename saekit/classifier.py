@@ -7,7 +7,8 @@ and minimises
 
 UFLDL's model has no bias b; ours has one, with no weight decay, like every bias in saekit. It
 costs one parameter per class and lets the model fit the class priors without bending theta.
-Set b to zero and it is UFLDL's model again.
+Freeze it at zero (`model.b.requires_grad_(False)`) and it is UFLDL's model: training only
+ever moves the parameters that require gradients.
 
 `FeatureClassifier` is seed 003's recipe and UFLDL's self-taught learning and stacked
 autoencoder: drop the decoders, feed each encoder's hidden activations to the next, and put a
@@ -101,6 +102,11 @@ def _floats(terms) -> list[float]:
     return torch.stack(terms).detach().tolist()
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters training moves: those that require gradients."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def minimize(params: list[nn.Parameter], cost, x, y, solver: Solver, progress: bool = False) -> list[dict]:
     """Minimise cost(x, y) -> (J, nll, decay) over params, in place; returns the history.
 
@@ -182,7 +188,7 @@ class SoftmaxRegression(nn.Module):
         """Train on x (m, n_features) and labels y (m,); returns the history (see `minimize`)."""
         x = to_rows(x, self.theta.dtype, self.theta.device, self.n_features)
         y = to_labels(y, x.shape[0], self.n_classes, x.device)
-        return minimize(list(self.parameters()), self.cost, x, y, solver, progress)
+        return minimize(trainable(self), self.cost, x, y, solver, progress)
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:
@@ -201,8 +207,9 @@ class FeatureClassifier(nn.Module):
 
     It holds copies of the autoencoders, so fine-tuning leaves the given ones as they were, and
     runs only their encoding half. The decoders are dropped from training: W2 (and b2, unless
-    the autoencoder subtracts it before encoding) are frozen. The encoders run in inference mode
-    (a batchtopk autoencoder then uses its threshold).
+    the autoencoder subtracts it before encoding) are frozen, so fine-tuning moves each
+    encoder's W1 and b1 (b2 with pre_bias, a JumpReLU's thresholds) and the softmax. The
+    encoders run in inference mode (a batchtopk autoencoder then uses its threshold).
     """
 
     def __init__(self, encoders: list[SparseAutoencoder], n_classes: int, weight_decay: float = 1e-4, seed: int = 0):
@@ -227,10 +234,6 @@ class FeatureClassifier(nn.Module):
         for sae in self.encoders:
             x = encoder_features(sae, x)
         return x
-
-    def trainable(self) -> list[nn.Parameter]:
-        """What fine-tuning trains: each encoder's W1, b1 (b2 with pre_bias, a JumpReLU's thresholds), theta, b."""
-        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (batch, n_classes)."""
@@ -271,7 +274,7 @@ class FeatureClassifier(nn.Module):
         if not lambda_ >= 0:
             raise UserError(f"fine-tuning weight decay must be >= 0 (got {lambda_}).")
         x, y = self._data(x, y)
-        return minimize(self.trainable(), lambda xb, yb: self.cost(xb, yb, lambda_), x, y, solver, progress)
+        return minimize(trainable(self), lambda xb, yb: self.cost(xb, yb, lambda_), x, y, solver, progress)
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:

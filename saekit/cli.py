@@ -18,17 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runs, ufldl
+from . import distributed, runs, ufldl
 from .config import PRESET_HELP, PRESETS, TrainConfig, build_config, dashed, field_docs
 from .data import load_training_data
+from .data.synthetic import recovery_score
+from .data.vectors import open_vectors
 from .errors import UserError
-from .metrics import evaluate
-from .model import SparseAutoencoder
-from .reports import write_pictures
-from .training import fit
+from .harvest import add_harvest_arguments, run_harvest
+from .metrics import evaluate, evaluate_stream
+from .model import SPARSE_ACTIVATIONS, SparseAutoencoder
+from .reports import save_density_png, write_pictures
+from .training import Minibatch, fit
 
 GRADCHECK_TOLERANCE = 1e-9
 INITIAL_WEIGHTS = "initial.safetensors"  # the weights before training, for the before/after pictures
+EVAL_ROWS = 100_000  # rows of the training data the final metrics are computed on
+REPORTED = ("cost", "reconstruction", "weight_decay", "sparsity", "rho_hat_mean", "mse", "fvu", "l0", "dead_fraction", "recovery")
 
 
 def _field_type(annotation):
@@ -75,13 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     sub.add_parser("presets", help="list the presets and what they change")
+
+    ev = sub.add_parser("eval", help="metrics of a trained dictionary on a data set",
+                        description="Print and save (RUN/eval.json, RUN/eval_density.png) the MSE, FVU, L0, dead "
+                        "fraction, feature density and decoder norms of RUN's dictionary on vectors from --data.")
+    ev.add_argument("run", metavar="RUN", help="a run folder")
+    ev.add_argument("--data", required=True, metavar="PATH", help=".npy or .safetensors file, or a folder of shards")
+    ev.add_argument("--data-key", metavar="KEY", help="tensor name in .safetensors files")
+    ev.add_argument("--max-rows", type=int, default=None, help="use only the first rows (default: all)")
+
+    harvest = sub.add_parser("harvest", help="save a transformer layer's activations over text files as shards",
+                             description="Run a Hugging Face transformers model (offline) over text files and save "
+                             "one layer's activations as .safetensors shards that `saekit train --data` streams.")
+    add_harvest_arguments(harvest)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "gradcheck": cmd_gradcheck, "presets": cmd_presets}[args.command](args)
+        commands = {"train": cmd_train, "gradcheck": cmd_gradcheck, "presets": cmd_presets, "eval": cmd_eval,
+                    "harvest": run_harvest}
+        return commands[args.command](args)
     except UserError as e:
         print(f"saekit: error: {e}", file=sys.stderr)
         return 2
@@ -112,57 +132,128 @@ def _check_data(x: torch.Tensor, cfg: TrainConfig) -> None:
 
 
 def _start_or_resume(args):
-    """(run folder, config, model or None, history so far)."""
+    """(run folder, config, resumed?)."""
     if args.resume:
         run_dir = Path(args.resume)
         cfg = runs.load_config(run_dir)
         overrides = _overrides(args)
-        allowed = {"max_iter", "epochs"}
+        allowed = {"max_iter", "epochs", "steps"}
         if set(overrides) - allowed:
             raise UserError(f"--resume continues a run with its own settings; only {sorted(allowed)} may change.")
-        cfg = dataclasses.replace(cfg, **overrides)
-        return run_dir, cfg, runs.load_model(run_dir, cfg.device), runs.load_history(run_dir)
+        return run_dir, dataclasses.replace(cfg, **overrides), True
     cfg = build_config(args.preset, args.config, _overrides(args))
-    run_dir = runs.new_run_dir(args.out, args.preset)
-    runs.save_config(run_dir, cfg, args.preset)
-    return run_dir, cfg, None, []
+    run_dir = runs.new_run_dir(args.out, args.preset) if distributed.is_main() else None
+    if distributed.is_main():
+        runs.save_config(run_dir, cfg, args.preset)
+    return run_dir, cfg, False
+
+
+def _new_model(cfg: TrainConfig, n_inputs: int, dtype) -> SparseAutoencoder:
+    return SparseAutoencoder(n_inputs, cfg.n_hidden, cfg.activation, cfg.output, dtype=dtype, device=cfg.device,
+                             seed=cfg.seed, k=cfg.k, pre_bias=cfg.pre_bias, tied_init=cfg.tied_init,
+                             jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+
+
+def _announce(run_dir, cfg, data, model, done: int, total: int, unit: str) -> None:
+    if distributed.is_main():
+        print(f"run folder: {run_dir}\ndata: {data.description}\nmodel: {model.extra_repr()}, penalty {cfg.penalty}"
+              f" (beta={cfg.beta}{f', rho={cfg.rho}' if cfg.penalty == 'kl' else ''}), weight decay {cfg.weight_decay}\n"
+              f"training: {cfg.optimizer}, {total - done} of {total} {unit} to go"
+              + (f", {distributed.world_size()} processes" if distributed.is_distributed() else ""), flush=True)
 
 
 def cmd_train(args) -> int:
-    run_dir, cfg, model, history = _start_or_resume(args)
+    # Under torchrun, join the other processes first: only the first one writes the run folder.
+    distributed.init_from_environment(args.device or "cpu")
+    run_dir, cfg, resumed = _start_or_resume(args)
     _check_device(cfg.device)
     data = load_training_data(cfg)
-    _check_data(data.x, cfg)
-    if model is None:
-        model = SparseAutoencoder(data.x.shape[1], cfg.n_hidden, cfg.activation, cfg.output,
-                                  dtype=data.x.dtype, device=cfg.device, seed=cfg.seed)
+    if data.x is not None:
+        _check_data(data.x, cfg)
+    train = _train_full_batch if cfg.optimizer == "lbfgs" else _train_minibatch
+    return train(args, run_dir, cfg, resumed, data)
+
+
+def _train_full_batch(args, run_dir, cfg, resumed, data) -> int:
+    if distributed.is_distributed():
+        raise UserError("L-BFGS trains on the full batch in one process; use --optimizer adam under torchrun.")
+    history = runs.load_history(run_dir) if resumed else []
+    model = runs.load_model(run_dir, cfg.device) if resumed else _new_model(cfg, data.x.shape[1], data.x.dtype)
+    if not resumed:
         runs.save_model(run_dir, model, INITIAL_WEIGHTS)
-    initial = runs.load_model(run_dir, cfg.device, INITIAL_WEIGHTS)
-    total = cfg.max_iter if cfg.optimizer == "lbfgs" else cfg.epochs
-    remaining = total - len(history)
-    print(f"run folder: {run_dir}\ndata: {data.description}\nmodel: {model.extra_repr()}, penalty {cfg.penalty} "
-          f"(rho={cfg.rho}, beta={cfg.beta}), weight decay {cfg.weight_decay}\n"
-          f"training: {cfg.optimizer}, {remaining} of {total} {'iterations' if cfg.optimizer == 'lbfgs' else 'epochs'} to go",
-          flush=True)
+    _announce(run_dir, cfg, data, model, len(history), cfg.max_iter, "iterations")
     interrupted = False
-    if remaining > 0:
-        train_cfg = dataclasses.replace(cfg, max_iter=remaining, epochs=remaining)
-        new_rows, interrupted = fit(model, data.x, train_cfg, progress=not args.no_progress)
-        for row in new_rows:
-            row["step"] += len(history)
-        history += new_rows
+    if len(history) < cfg.max_iter:
+        new_rows, interrupted = fit(model, data.x, dataclasses.replace(cfg, max_iter=cfg.max_iter - len(history)),
+                                    progress=not args.no_progress)
+        history += [dict(row, step=row["step"] + len(history)) for row in new_rows]
     runs.save_model(run_dir, model)
     runs.save_history(run_dir, history)
-    metrics = evaluate(model, data.x, cfg)
+    runs.write_json(run_dir / "state.json", {"steps_done": len(history), "steps_total": cfg.max_iter, "finished": not interrupted})
+    return _report(run_dir, cfg, data, model, history, interrupted, evaluate(model, data.x, cfg))
+
+
+def _train_minibatch(args, run_dir, cfg, resumed, data) -> int:
+    state = runs.load_trainer_state(run_dir) if resumed else None
+    name = "checkpoint/model.safetensors"
+    model = runs.load_model(run_dir, cfg.device, name) if resumed else _new_model(cfg, data.source.d, getattr(torch, cfg.dtype))
+    if not resumed and distributed.is_main():
+        runs.save_model(run_dir, model, INITIAL_WEIGHTS)
+    history = runs.load_history(run_dir) if resumed else []
+    trainer = Minibatch(model, data.source, cfg, state, history)
+
+    def checkpoint():
+        if distributed.is_main():
+            runs.save_model(run_dir, model, name)
+            runs.save_trainer_state(run_dir, trainer.state_dict())
+            runs.save_history(run_dir, history)
+            runs.write_json(run_dir / "state.json", {"steps_done": trainer.step, "steps_total": trainer.total_steps,
+                                                     "finished": trainer.step >= trainer.total_steps})
+
+    _announce(run_dir, cfg, data, model, trainer.step, trainer.total_steps, "steps")
+    _, interrupted = trainer.run(progress=not args.no_progress, checkpoint=checkpoint)
+    checkpoint()
+    if not distributed.is_main():
+        return 0
+    final = model.fold_input_scale(trainer.scale)
+    runs.save_model(run_dir, final)
+    metrics, density = evaluate_stream(final, data.source, max_rows=EVAL_ROWS)
+    if data.true_atoms is not None:
+        metrics["recovery"] = recovery_score(data.true_atoms, final.W2.t())
+    if data.x is not None and model.activation not in SPARSE_ACTIVATIONS:  # the exact cost over all the data
+        metrics.update({f"cost_{k}" if k in metrics else k: v for k, v in evaluate(final, data.x, cfg).items()
+                        if k in ("cost", "reconstruction", "sparsity", "weight_decay", "rho_hat_mean")})
+    save_density_png(density, run_dir / "density.png")
+    return _report(run_dir, cfg, data, final, history, interrupted, metrics)
+
+
+def _report(run_dir, cfg, data, model, history, interrupted, metrics) -> int:
     runs.write_json(run_dir / "metrics.json", metrics)
-    runs.write_json(run_dir / "state.json", {"steps_done": len(history), "steps_total": total, "finished": not interrupted})
-    pictures = write_pictures(run_dir, model, data.x, history, data.image_shape, initial)
-    print(f"cost {metrics['cost']:.6g} = reconstruction {metrics['reconstruction']:.6g} + weight decay "
-          f"{metrics['weight_decay']:.6g} + sparsity {metrics['sparsity']:.6g}; mean rho_hat {metrics['rho_hat_mean']:.4g}")
+    initial = runs.load_model(run_dir, cfg.device, INITIAL_WEIGHTS)
+    x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
+    pictures = write_pictures(run_dir, model, x, history, data.image_shape, initial)
+    summary = ", ".join(f"{k} {metrics[k]:.6g}" for k in REPORTED if k in metrics)
+    print(summary)
     print("wrote " + ", ".join(str(p) for p in [run_dir / "metrics.json", run_dir / "weights.safetensors", *pictures]))
     if interrupted:
-        print(f"interrupted after {len(history)} of {total}; continue with: saekit train --resume {run_dir}", file=sys.stderr)
+        print(f"interrupted; continue with: saekit train --resume {run_dir}", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_eval(args) -> int:
+    run_dir = Path(args.run)
+    model = runs.load_model(run_dir)
+    source = open_vectors(args.data, args.data_key)
+    if source.d != model.n_inputs:
+        raise UserError(f"{args.data} holds vectors of {source.d}, but the dictionary in {run_dir} takes {model.n_inputs}.")
+    metrics, density = evaluate_stream(model, source, max_rows=args.max_rows)
+    metrics["data"] = str(args.data)
+    runs.write_json(run_dir / "eval.json", metrics)
+    save_density_png(density, run_dir / "eval_density.png")
+    for key, value in metrics.items():
+        print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+    print(f"wrote {run_dir / 'eval.json'}, {run_dir / 'eval_density.png'}")
     return 0
 
 

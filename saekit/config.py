@@ -162,6 +162,8 @@ class TrainConfig:
             problems.append("--penalty contractive needs --activation sigmoid or relu")
         if self.activation in ("topk", "batchtopk", "jumprelu") and self.optimizer == "lbfgs":
             problems.append(f"--activation {self.activation} trains with minibatches: use --optimizer adam")
+        if self.scale_inputs and self.output != "linear":
+            problems.append("--scale-inputs needs --output linear (a sigmoid output cannot be rescaled)")
         if self.aux_k and self.activation not in ("topk", "batchtopk"):
             problems.append("--aux-k needs --activation topk or batchtopk")
         try:

@@ -31,3 +31,43 @@ def evaluate(model, x: torch.Tensor, cfg: TrainConfig, target: torch.Tensor | No
         "mse": squared / error.numel(),
         "fvu": squared / float((y - y.mean(0)).pow(2).sum()),
     }
+
+
+@torch.no_grad()
+def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Metrics of a dictionary over the first max_rows rows of a VectorSource, read in order.
+
+    Returns (metrics, density) where density (n_hidden,) is each unit's firing frequency.
+    mse is per input value; fvu = sum ||x_hat - x||^2 / sum ||x - mean(x)||^2; l0 is the mean
+    number of active units per example; dead_fraction counts units that never fired here.
+    """
+    model.eval()
+    n = source.n if max_rows is None else min(source.n, max_rows)
+    dtype, device = model.W1.dtype, model.W1.device
+    squared_error = total = total_squared = active = 0.0
+    fired = torch.zeros(model.n_hidden, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        x = source.read(start, min(start + batch_size, n)).to(dtype=dtype, device=device)
+        out = model(x)
+        h = model.dense_codes(out.h)
+        squared_error += float((out.x_hat - x).double().pow(2).sum())
+        total = total + x.double().sum(0)
+        total_squared += float(x.double().pow(2).sum())
+        active_units = (h > 0) if model.activation != "sigmoid" else h
+        fired += active_units.double().sum(0).cpu()
+        active += float((h > 0).sum())
+    variance = total_squared - float(total.pow(2).sum()) / n
+    density = fired / n
+    norms = model.W2.norm(dim=0).double()
+    metrics = {
+        "n_examples": n,
+        "mse": squared_error / (n * model.n_inputs),
+        "fvu": squared_error / max(variance, 1e-30),
+        "l0": active / n,
+        "dead_fraction": float((density == 0).double().mean()),
+        "density_median": float(density.median()),
+        "decoder_norm_mean": float(norms.mean()),
+        "decoder_norm_min": float(norms.min()),
+        "decoder_norm_max": float(norms.max()),
+    }
+    return metrics, density

@@ -21,6 +21,7 @@ decoder column ("dictionary atom") is then one contiguous row in memory, which i
 decoding and column normalisation want, and its flat storage is exactly MATLAB's W2(:).
 """
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -143,6 +144,17 @@ class SparseAutoencoder(nn.Module):
     def dense_codes(self, h) -> torch.Tensor:
         """(batch, n_hidden) codes, whatever form the activation produced."""
         return dense_codes(h.values, h.indices, self.n_hidden) if isinstance(h, SparseCodes) else h
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> "SparseAutoencoder":
+        """A copy for raw inputs x of this model trained on scale * x (linear output only):
+        W1 -> scale W1, W2 -> W2 / scale, b2 -> b2 / scale; codes are unchanged."""
+        folded = copy.deepcopy(self)
+        if scale != 1.0:
+            folded.W1.mul_(scale)
+            folded.W2.div_(scale)
+            folded.b2.div_(scale)
+        return folded
 
     def architecture(self) -> dict:
         """What it takes to rebuild this model (saved beside its weights)."""

@@ -7,6 +7,7 @@ Image pictures are drawn only when examples are images (image_shape is not None)
     inputs.png                                                the first training examples
     reconstructions.png, reconstructions_before.png           inputs beside reconstructions, after and before training
     cost.png                                                  the cost and its terms per step
+    density.png                                               feature density (minibatch runs)
 
 The before/after/updates pictures are the ones seed 003's lecture draws for its L1 autoencoder.
 """
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .pictures import line_chart, save_filters, save_images, save_png, save_side_by_side
+import numpy as np
+
+from .pictures import histogram_chart, line_chart, save_filters, save_images, save_png, save_side_by_side
 
 N_SHOWN = 100  # examples drawn in the input and reconstruction pictures
 MAX_FILTERS = 400  # hidden units drawn in the weight pictures
@@ -58,3 +61,11 @@ def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_s
         chart = line_chart(series, title="Cost J and its terms", xlabel="step", ylabel="value (log scale)", log_y=True)
         written.append(save_png(chart, run_dir / "cost.png"))
     return written
+
+
+def save_density_png(density: torch.Tensor, path) -> Path:
+    """Feature-density histogram: log10 of each unit's firing frequency; dead units are counted apart."""
+    with np.errstate(divide="ignore"):
+        log_density = np.log10(density.double().cpu().numpy())
+    chart = histogram_chart(log_density, bins=50, title="Feature density", xlabel="log10(firing frequency)")
+    return save_png(chart, path)

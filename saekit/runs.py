@@ -93,10 +93,15 @@ def load_config(run_dir) -> TrainConfig:
 
 
 def save_model(run_dir, model: SparseAutoencoder, name: str = "weights.safetensors") -> Path:
+    """The model's tensors in safetensors, with its architecture in the metadata; and, for the final
+    weights, the architecture again as cfg.json beside them (the layout sparsify and SAELens use)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"n_inputs": str(model.n_inputs), "n_hidden": str(model.n_hidden),
-                "activation": model.activation, "output": model.output, "format": "saekit-1"}
-    return atomic_write(Path(run_dir) / name, safetensors.torch.save(tensors, metadata=metadata))
+    arch = model.architecture()
+    metadata = {"architecture": json.dumps(arch), "format": "saekit-1"}
+    path = atomic_write(Path(run_dir) / name, safetensors.torch.save(tensors, metadata=metadata))
+    if name == "weights.safetensors":
+        write_json(Path(run_dir) / "cfg.json", arch)
+    return path
 
 
 def load_model(run_dir, device: str = "cpu", name: str = "weights.safetensors") -> SparseAutoencoder:
@@ -106,14 +111,30 @@ def load_model(run_dir, device: str = "cpu", name: str = "weights.safetensors") 
         raise UserError(f"{path} is missing; is {run_dir} a saekit run folder that finished at least one step?")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            arch = json.loads((f.metadata() or {})["architecture"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        model = SparseAutoencoder(int(meta["n_inputs"]), int(meta["n_hidden"]), meta["activation"], meta["output"],
-                                  dtype=tensors["W1"].dtype, device=device)
+        model = SparseAutoencoder(dtype=tensors["W1"].dtype, device=device, **arch)
         model.load_state_dict(tensors)
-    except (safetensors.SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
+    except (safetensors.SafetensorError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
         raise UserError(f"{path} is corrupt or not a saekit weights file ({type(e).__name__}: {e}).") from None
     return model
+
+
+def save_trainer_state(run_dir, state: dict) -> Path:
+    """The minibatch trainer's state (optimizer moments, stream position, counters) for --resume."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write(Path(run_dir) / "checkpoint" / "trainer.pt", buffer.getvalue())
+
+
+def load_trainer_state(run_dir) -> dict:
+    path = Path(run_dir) / "checkpoint" / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the run stopped before its first checkpoint; start it again.") from None
+    except Exception as e:  # torch raises many kinds of errors for a damaged pickle
+        raise UserError(f"{path} is corrupt ({type(e).__name__}); start the run again.") from None
 
 
 def save_history(run_dir, rows: list[dict]) -> Path:

@@ -177,8 +177,10 @@ class Minibatch:
     uninterrupted one.
     """
 
-    def __init__(self, model: SparseAutoencoder, source, cfg: TrainConfig, state: dict | None = None):
+    def __init__(self, model: SparseAutoencoder, source, cfg: TrainConfig, state: dict | None = None,
+                 history: list | None = None):
         self.model, self.cfg = model, cfg
+        self.history = [] if history is None else history  # rows of history.csv; run() appends
         params = list(model.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
         self.stream = VectorStream(source, cfg.batch_size, min(cfg.shuffle_buffer, source.n), seed=cfg.seed,
@@ -275,12 +277,13 @@ class Minibatch:
         W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def run(self, progress: bool = True, checkpoint: Callable[[], None] | None = None) -> tuple[list, bool]:
-        """Train until total_steps; returns (history rows of this call, interrupted)."""
+        """Train until total_steps, calling checkpoint() every cfg.checkpoint_every steps.
+        Returns (the history, including rows from before a resume, interrupted)."""
         cfg, model = self.cfg, self.model
         params = [p for p in model.parameters()]
         world = distributed.world_size()
         generator = torch.Generator()
-        history, started, interrupted = [], time.perf_counter(), False
+        started, interrupted = time.perf_counter(), False
         window = torch.zeros(8, dtype=torch.float64)
         examples_in_window, window_started = 0, time.perf_counter()
         if cfg.normalize_decoder and self.step == 0:
@@ -312,7 +315,7 @@ class Minibatch:
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         row = self._row(window, examples_in_window, time.perf_counter() - window_started, started)
-                        history.append(row)
+                        self.history.append(row)
                         bar.set_postfix(cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
                         window.zero_()
                         examples_in_window, window_started = 0, time.perf_counter()
@@ -321,7 +324,7 @@ class Minibatch:
             except KeyboardInterrupt:
                 interrupted = True
         model.eval()
-        return history, interrupted
+        return self.history, interrupted
 
     def _row(self, window, n, seconds, started) -> dict:
         total, reconstruction, sparsity, aux, decay, squared_error, variance, active = window.tolist()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from saekit.classifier import (FeatureClassifier, SoftmaxRegression, Solver, confusion_matrix,
-                               evaluate_classifier, save_confusion_png)
+                               evaluate_classifier, save_confusion_png, trainable)
 from saekit.errors import UserError
 from saekit.model import SparseAutoencoder
 
@@ -127,6 +127,15 @@ def test_softmax_lbfgs_lands_on_the_minimum():
         assert g.abs().max() < 1e-6
 
 
+def test_a_frozen_bias_stays_at_zero_as_in_ufldls_model():
+    x, y = blobs(seed=0)
+    model = SoftmaxRegression(2, 3)
+    model.b.requires_grad_(False)
+    history = model.fit(x, y, Solver(max_iter=20))
+    assert torch.equal(model.b, torch.zeros(3, dtype=torch.float64))
+    assert history[-1]["cost"] < history[0]["cost"]
+
+
 # ---------------------------------------------------------------- FeatureClassifier
 
 
@@ -161,7 +170,7 @@ def test_fine_tuning_cost_and_gradient():
     assert nll == pytest.approx(numpy_softmax_nll(logits, y.numpy()), rel=1e-13)
     assert got_decay == pytest.approx(decay, rel=1e-13)
 
-    params = clf.trainable()
+    params = trainable(clf)
     assert len(params) == 6  # W1, b1 per encoder, theta, b: no decoder weights
     grads = torch.autograd.grad(J, params)
     fd = finite_difference_grads(lambda: clf.cost(x, y, lambda_)[0], params)

@@ -8,11 +8,16 @@ from ..config import TrainConfig, parse_digits
 from ..errors import UserError
 
 
+NAMED = ("natural-patches", "mnist", "fashion-mnist", "synthetic")
+
+
 class Dataset(NamedTuple):
-    x: torch.Tensor  # (n_examples, n_inputs)
+    x: torch.Tensor | None  # (n_examples, n_inputs) in memory, or None for a streamed source
     labels: torch.Tensor | None  # (n_examples,) class of each example, None where there are none
     image_shape: tuple[int, int] | None  # how to draw one example, None for plain vectors
     description: str
+    source: object = None  # a saekit.data.vectors.VectorSource over the same rows
+    true_atoms: torch.Tensor | None = None  # synthetic data: the dictionary that made it (n_atoms, n_inputs)
 
 
 def _digit_images(cfg: TrainConfig, split: str, n: int | None):
@@ -30,16 +35,32 @@ def _digit_images(cfg: TrainConfig, split: str, n: int | None):
     return images, labels, (28, 28), f"{len(images)} {which}{cfg.data} {split} images"
 
 
-def _to_dataset(x, labels, image_shape, description, cfg: TrainConfig) -> Dataset:
+def _to_dataset(x, labels, image_shape, description, cfg: TrainConfig, true_atoms=None) -> Dataset:
+    from .vectors import ArraySource
+
     x = torch.as_tensor(x).to(dtype=getattr(torch, cfg.dtype), device=cfg.device)
     labels = None if labels is None else torch.as_tensor(labels)
-    return Dataset(x, labels, image_shape, description)
+    return Dataset(x, labels, image_shape, description, ArraySource(x.cpu(), cfg.data), true_atoms)
 
 
 def load_training_data(cfg: TrainConfig) -> Dataset:
-    """The training examples a config names, in its dtype, on its device."""
+    """The training examples a config names: in memory (in its dtype, on its device), or a
+    streamed source when --data is a path."""
+    if cfg.data not in NAMED:
+        from .vectors import open_vectors
+
+        source = open_vectors(cfg.data, cfg.data_key)
+        return Dataset(None, None, None, f"{source.n} vectors of {source.d} from {cfg.data}", source)
     if cfg.data in ("mnist", "fashion-mnist"):
         return _to_dataset(*_digit_images(cfg, "train", cfg.n_examples), cfg)
+    if cfg.data == "synthetic":
+        from .synthetic import SyntheticDictionary
+
+        truth = SyntheticDictionary(cfg.synthetic_inputs, cfg.synthetic_atoms, cfg.synthetic_k, seed=cfg.seed)
+        sample = truth.sample(cfg.n_examples)
+        description = (f"{cfg.n_examples} synthetic vectors of {cfg.synthetic_inputs}: {cfg.synthetic_k} of "
+                       f"{cfg.synthetic_atoms} known atoms each")
+        return _to_dataset(sample.x, None, None, description, cfg, torch.as_tensor(truth.atoms))
     from .images import natural_image_patches
 
     patches = natural_image_patches(cfg.n_examples, cfg.patch_size, seed=cfg.seed, images_mat=cfg.images_mat)
