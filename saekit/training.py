@@ -10,6 +10,8 @@ The cost J = reconstruction + weight decay + sparsity penalty is computed one of
 - every other combination is differentiated by autograd (`loss_terms`).
 """
 
+import signal
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -290,10 +292,10 @@ class Minibatch:
             self._normalize_decoder()
         model.train()
         batches = iter(self.stream)
-        with _progress(self.total_steps, cfg.optimizer, progress and distributed.is_main()) as bar:
+        with _progress(self.total_steps, cfg.optimizer, progress and distributed.is_main()) as bar, _StepBoundaryInterrupt() as stop:
             bar.update(self.step)
             try:
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not stop.requested:
                     y = next(batches).to(model.W1.device) * self.scale
                     generator.manual_seed(cfg.seed * 1_000_003 + self.step * world + distributed.rank())
                     x_in = corrupt(y, cfg.corruption, cfg.corruption_level, generator)
@@ -321,10 +323,10 @@ class Minibatch:
                         examples_in_window, window_started = 0, time.perf_counter()
                     if checkpoint is not None and self.step % cfg.checkpoint_every == 0:
                         checkpoint()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
                 interrupted = True
         model.eval()
-        return self.history, interrupted
+        return self.history, interrupted or stop.requested
 
     def _row(self, window, n, seconds, started) -> dict:
         total, reconstruction, sparsity, aux, decay, squared_error, variance, active = window.tolist()
@@ -336,6 +338,29 @@ class Minibatch:
         if self.running is not None:
             row["rho_hat_mean"] = float(self.running.rho_hat.mean())
         return row
+
+
+class _StepBoundaryInterrupt:
+    """Within this block, Ctrl-C (SIGINT) asks the loop to stop after the current step instead of
+    breaking it in the middle, so the saved state is always that of a whole step. A second Ctrl-C
+    interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _auxk_loss(residual: torch.Tensor, aux: SparseCodes, model) -> torch.Tensor:

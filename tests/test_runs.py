@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 
@@ -74,11 +75,12 @@ def test_weights_without_saekit_metadata_is_a_user_error(tmp_path):
                    "that embeds torch's multi-line load_state_dict message, so the CLI prints several lines",
                    strict=True)
 def test_weights_with_wrong_shapes_give_a_one_line_user_error(tmp_path):
-    model = SparseAutoencoder(3, 2)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    runs.save_model(tmp_path, SparseAutoencoder(3, 2))
+    path = str(tmp_path / "weights.safetensors")
+    with safetensors.safe_open(path, framework="pt") as f:  # keep saekit's own metadata, break one shape
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["W1"] = torch.zeros(2, 2)
-    meta = {"n_inputs": "3", "n_hidden": "2", "activation": "sigmoid", "output": "sigmoid", "format": "saekit-1"}
-    safetensors.torch.save_file(tensors, str(tmp_path / "weights.safetensors"), metadata=meta)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
     with pytest.raises(UserError) as error:
         runs.load_model(tmp_path)
     assert "\n" not in str(error.value)
