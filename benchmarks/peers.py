@@ -33,9 +33,12 @@ package costs one row, not the run):
   decoder rows renormalised after each step, b_dec = first batch's mean.
 
 What is measured, identically for every row:
-- samples_per_s: (steps - 1) * batch / seconds between the end of the first optimizer step
-  and the end of the last one (torch's global optimizer step post-hook marks each end). Set-
-  up, imports, the first (warm-up) step and the final save are outside the window.
+- samples_per_s: batch / the median time of one training step, over steps 2..N; a step's
+  time runs from the end of one optimizer step to the end of the next (torch's global
+  optimizer step post-hook marks each end), so it holds everything the trainer does per
+  batch. Set-up, imports, the first (warm-up) step and the final save are outside.
+  samples_per_s_mean is (steps - 1) * batch / the whole window: on a shared machine the two
+  part, and the median is the one other processes' bursts move least.
 - fvu: on the held-out rows (the last --heldout rows of the file, never trained on), with
   this script's code: x_hat from the peer's own forward pass, then
   FVU = sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 (mean over the held-out rows, float64
@@ -55,7 +58,9 @@ JSON (--json OUT.json): {"config": {"data", "n_rows", "d", "heldout", "width", "
 "steps", "threads", "torch", "python", "cpu"}, "results": [row, ...]}; each row has
 "name", "version" (package version, or null), "samples_per_s" and "fvu" (floats, or null
 where it failed), "steps" (optimizer steps run), "notes" (optimizer, lr, deviations from the
-defaults, or why it failed), plus "timed_steps" and "seconds" (the timing window).
+defaults, or why it failed, and a warning where the machine was busy), plus
+"samples_per_s_mean", "timed_steps" and "seconds" (the timing window) and "load_avg" (the
+1-minute load average before and after the peer ran).
 """
 
 import argparse
@@ -136,11 +141,20 @@ class StepClock:
         )
 
     def result(self, batch):
-        """(samples_per_s, timed_steps, seconds), the first step left out as warm-up."""
+        """Throughput over the steps after the first (a warm-up): a dict of JSON fields.
+
+        The machine may be shared: the median step time is the figure least moved by other
+        processes' bursts, so samples_per_s uses it; the mean over the window is kept beside it.
+        """
         self.handle.remove()
-        timed = len(self.ends) - 1
+        step_seconds = np.diff(self.ends)
         seconds = self.ends[-1] - self.ends[0]
-        return timed * batch / seconds, timed, seconds
+        return {
+            "samples_per_s": batch / float(np.median(step_seconds)),
+            "samples_per_s_mean": len(step_seconds) * batch / seconds,
+            "timed_steps": len(step_seconds),
+            "seconds": seconds,
+        }
 
 
 @torch.no_grad()
@@ -250,28 +264,23 @@ def train_saelens(X_train, args):
 
 
 def train_dictionary_learning(X_train, args):
-    from dictionary_learning.trainers.top_k import TopKTrainer
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
     from dictionary_learning.training import trainSAE
 
     config = dict(
         trainer=TopKTrainer, steps=args.steps, activation_dim=args.d, dict_size=args.width,
         k=args.k, layer=0, lm_name="synthetic", warmup_steps=0, device="cpu", seed=0,
     )
-    # trainSAE builds the trainer from the config; keep a handle on it through the class.
-    built = []
-    original_init = TopKTrainer.__init__
-
-    def init(self, *a, **kw):
-        original_init(self, *a, **kw)
-        built.append(self)
-
-    TopKTrainer.__init__ = init
+    save_dir = tempfile.mkdtemp(prefix="peers-dictionary-learning-")
     with contextlib.redirect_stdout(sys.stderr):
-        trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps, device="cpu")
-    (trainer,) = built
-    trainer.ae.eval()
-    notes = f"trainSAE + TopKTrainer/AutoEncoderTopK, Adam lr={trainer.lr:.2e}, warmup_steps=0 (default 1000 >= steps asserts)"
-    return (lambda x: trainer.ae(x)), notes, importlib.metadata.version("dictionary-learning")
+        trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps,
+                 save_dir=save_dir, device="cpu")
+    # trainSAE returns nothing: read the trained model back the way its users do.
+    ae = AutoEncoderTopK.from_pretrained(os.path.join(save_dir, "trainer_0", "ae.pt"))
+    with open(os.path.join(save_dir, "trainer_0", "config.json")) as f:
+        lr = json.load(f)["trainer"]["lr"]
+    notes = f"trainSAE + TopKTrainer/AutoEncoderTopK, Adam lr={lr:.2e}, warmup_steps=0 (default 1000 >= steps asserts)"
+    return ae, notes, importlib.metadata.version("dictionary-learning")
 
 
 def train_plain_torch_dense(X_train, args):
@@ -322,13 +331,16 @@ def run_one(name, args):
     X_train, X_heldout = load_split(args.data, args.heldout)
     if X_train.shape[1] != args.d:
         sys.exit(f"--d {args.d} but {args.data} has rows of {X_train.shape[1]} features")
+    load_before = os.getloadavg()[0]
     clock = StepClock()
     reconstruct, notes, version = TRAINERS[name](X_train, args)
-    samples_per_s, timed, seconds = clock.result(args.batch)
+    timing = clock.result(args.batch)
+    load = [load_before, os.getloadavg()[0]]
+    if max(load) > os.cpu_count():
+        notes += f"; machine busy: 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores"
     return {
-        "name": name, "version": version, "samples_per_s": samples_per_s,
-        "fvu": fvu(reconstruct, X_heldout), "steps": timed + 1, "notes": notes,
-        "timed_steps": timed, "seconds": seconds,
+        "name": name, "version": version, "fvu": fvu(reconstruct, X_heldout),
+        "steps": timing["timed_steps"] + 1, "notes": notes, **timing, "load_avg": load,
     }
 
 
@@ -354,7 +366,8 @@ def run_child(name, args):
         last = [line for line in tail.strip().splitlines() if line.strip()][-1:] or ["no output"]
         return {
             "name": name, "version": package_version(name), "samples_per_s": None, "fvu": None,
-            "steps": 0, "notes": f"failed ({rc}): {last[0]}", "timed_steps": 0, "seconds": None,
+            "steps": 0, "notes": f"failed ({rc}): {last[0]}", "samples_per_s_mean": None,
+            "timed_steps": 0, "seconds": None, "load_avg": None,
         }
 
 
@@ -376,11 +389,15 @@ def cpu_name():
 
 
 def print_table(rows):
-    print(f"{'trainer':<22}{'version':<10}{'samples/s':>11}{'FVU':>9}  notes")
+    def number(value, form):
+        return "-" if value is None else format(value, form)
+
+    print(f"{'trainer':<22}{'version':<10}{'samples/s':>11}{'(mean)':>9}{'FVU':>9}  notes")
     for r in rows:
-        sps = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] is not None else "-"
-        fv = f"{r['fvu']:.4f}" if r["fvu"] is not None else "-"
-        print(f"{r['name']:<22}{r['version'] or '':<10}{sps:>11}{fv:>9}  {r['notes']}")
+        print(
+            f"{r['name']:<22}{r['version'] or '':<10}{number(r['samples_per_s'], ',.0f'):>11}"
+            f"{number(r['samples_per_s_mean'], ',.0f'):>9}{number(r['fvu'], '.4f'):>9}  {r['notes']}"
+        )
 
 
 def write_json(path, obj):
@@ -402,7 +419,7 @@ def main():
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--heldout", type=int, default=16_384, help="last rows of the file, for the FVU")
+    p.add_argument("--heldout", type=int, default=8192, help="last rows of the file, for the FVU")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peers", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS))
     p.add_argument("--timeout", type=int, default=900, help="seconds per peer")

@@ -43,17 +43,20 @@ def _field_type(annotation):
     return annotation
 
 
+ALIASES = {"activation": ["--arch"], "n_hidden": ["--width"]}  # the names modern dictionaries go by
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainConfig field, its help the field's docstring and its default."""
     docs = field_docs(TrainConfig)
     group = parser.add_argument_group("settings (override the preset)")
     for f in dataclasses.fields(TrainConfig):
+        names = [f"--{dashed(f.name)}", *ALIASES.get(f.name, [])]
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"
         if f.type is bool:
-            group.add_argument(f"--{dashed(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(f"--{dashed(f.name)}", dest=f.name, type=_field_type(f.type), default=None,
+            group.add_argument(*names, dest=f.name, type=_field_type(f.type), default=None,
                                metavar=f.name.upper(), help=help_text)
 
 
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a sparse autoencoder and write a run folder",
                            description="Train a sparse autoencoder. With no options: UFLDL's exercise on 8x8 "
                            "natural-image patches (64-25-64, 400 L-BFGS iterations).")
-    train.add_argument("--preset", default="ufldl-patches", choices=sorted(PRESETS), help="named settings to start from")
+    train.add_argument("--preset", default="ufldl-patches", help=f"named settings to start from: {', '.join(PRESETS)}")
     train.add_argument("--config", metavar="FILE", help="JSON file of settings (a run's config.json works), applied after the preset")
     train.add_argument("--out", metavar="DIR", help="run folder to write (default: runs/<preset>-<time>)")
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run in this folder")
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["saekit", *(sys.argv[1:] if argv is None else argv)]
     try:
         commands = {"train": cmd_train, "gradcheck": cmd_gradcheck, "presets": cmd_presets, "eval": cmd_eval,
                     "harvest": run_harvest}
@@ -118,11 +122,6 @@ def _overrides(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu.")
-
-
 def _check_data(x: torch.Tensor, cfg: TrainConfig) -> None:
     if not torch.isfinite(x).all():
         raise UserError("the training data contain NaN or infinite values; clean the data first.")
@@ -131,21 +130,16 @@ def _check_data(x: torch.Tensor, cfg: TrainConfig) -> None:
                         f"{float(x.max()):.3g}]; rescale the data or use --output linear.")
 
 
-def _start_or_resume(args):
-    """(run folder, config, resumed?)."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg = runs.load_config(run_dir)
-        overrides = _overrides(args)
-        allowed = {"max_iter", "epochs", "steps"}
-        if set(overrides) - allowed:
-            raise UserError(f"--resume continues a run with its own settings; only {sorted(allowed)} may change.")
-        return run_dir, dataclasses.replace(cfg, **overrides), True
-    cfg = build_config(args.preset, args.config, _overrides(args))
-    run_dir = runs.new_run_dir(args.out, args.preset) if distributed.is_main() else None
-    if distributed.is_main():
-        runs.save_config(run_dir, cfg, args.preset)
-    return run_dir, cfg, False
+def _config(args) -> tuple[TrainConfig, Path | None]:
+    """The run's settings, and the folder of the run it resumes (None for a new run)."""
+    if not args.resume:
+        return build_config(args.preset, args.config, _overrides(args)), None
+    run_dir = Path(args.resume)
+    overrides = _overrides(args)
+    allowed = {"max_iter", "epochs", "steps"}
+    if set(overrides) - allowed:
+        raise UserError(f"--resume continues a run with its own settings; only {sorted(allowed)} may change.")
+    return dataclasses.replace(runs.load_config(run_dir), **overrides), run_dir
 
 
 def _new_model(cfg: TrainConfig, n_inputs: int, dtype) -> SparseAutoencoder:
@@ -165,11 +159,15 @@ def _announce(run_dir, cfg, data, model, done: int, total: int, unit: str) -> No
 def cmd_train(args) -> int:
     # Under torchrun, join the other processes first: only the first one writes the run folder.
     distributed.init_from_environment(args.device or "cpu")
-    run_dir, cfg, resumed = _start_or_resume(args)
-    _check_device(cfg.device)
-    data = load_training_data(cfg)
+    cfg, run_dir = _config(args)
+    resumed = run_dir is not None
+    data = load_training_data(cfg)  # before the run folder is made, so bad data leave nothing behind
     if data.x is not None:
         _check_data(data.x, cfg)
+    if distributed.is_main():
+        run_dir = run_dir or runs.new_run_dir(args.out, args.preset)
+        runs.save_config(run_dir, cfg, args.preset if not resumed else runs.read_json(run_dir / "config.json")["preset"],
+                         args.argv)
     train = _train_full_batch if cfg.optimizer == "lbfgs" else _train_minibatch
     return train(args, run_dir, cfg, resumed, data)
 

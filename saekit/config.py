@@ -6,6 +6,7 @@ are UFLDL's sparse autoencoder exercise (8x8 natural-image patches, 25 hidden un
 
 import ast
 import dataclasses
+import types
 import functools
 import inspect
 import json
@@ -116,7 +117,9 @@ class TrainConfig:
     """Random seed: fixes the data sample, the initial weights and the minibatch order."""
 
     def __post_init__(self):
-        problems = []
+        problems = self._type_problems()
+        if problems:  # comparisons below assume the types are right
+            raise UserError("invalid configuration: " + "; ".join(problems) + ".")
         positive_ints = ("n_examples", "patch_size", "n_hidden", "max_iter", "lbfgs_memory", "epochs", "batch_size",
                          "k", "synthetic_inputs", "synthetic_atoms", "synthetic_k", "shuffle_buffer", "log_every",
                          "checkpoint_every", "dead_after")
@@ -170,11 +173,43 @@ class TrainConfig:
             parse_digits(self.digits)
         except UserError as e:
             problems.append(str(e))
+        problems += _device_problems(self.device)
         if problems:
             raise UserError("invalid configuration: " + "; ".join(problems) + ".")
 
+    def _type_problems(self) -> list[str]:
+        """Each setting must have its field's type (an int is accepted for a float, None for an optional)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+            if not any(_has_type(value, t) for t in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                problems.append(f"--{dashed(f.name)} must be {names} (got {value!r})")
+        return problems
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _has_type(value, t) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python, but not a number of examples
+        return t is bool
+    if t is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, t)
+
+
+def _device_problems(device: str) -> list[str]:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return [f"--device {device!r} is not a torch device; use 'cpu' or 'cuda' (or 'cuda:N')"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return ["--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu"]
+    return []
 
 
 def parse_digits(spec: str | None) -> list[int] | None:
@@ -208,13 +243,45 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
     return docs
 
 
+# Modern dictionaries: linear output, decoder bias subtracted before encoding and initialised at the
+# geometric median, tied unit-norm decoder, inputs scaled to unit mean squared norm, Adam.
+# By default they train on synthetic data with a known dictionary; give --data PATH for yours.
+_MODERN = {
+    "data": "synthetic", "n_examples": 100_000, "synthetic_inputs": 64, "synthetic_atoms": 256, "synthetic_k": 8,
+    "output": "linear", "penalty": "none", "weight_decay": 0.0, "optimizer": "adam", "lr": 1e-3,
+    "batch_size": 4096, "epochs": 10, "dtype": "float32", "n_hidden": 512, "k": 8, "pre_bias": True,
+    "tied_init": True, "normalize_decoder": True, "decoder_bias_init": "geometric-median", "scale_inputs": True,
+    "log_every": 10, "dead_after": 1_000_000,
+}
+_MNIST = {"data": "mnist", "n_examples": 10000, "n_hidden": 196, "rho": 0.1, "weight_decay": 3e-3, "beta": 3.0}
+
 PRESETS: dict[str, dict] = {
     "ufldl-patches": {},  # the defaults: UFLDL's sparse autoencoder exercise
     "ufldl-patches-adam": {"optimizer": "adam", "epochs": 200, "batch_size": 500, "lr": 1e-2},
+    "ufldl-mnist": _MNIST,
+    "undercomplete-mnist": {**_MNIST, "n_hidden": 64, "penalty": "none"},
+    "denoising-mnist": {**_MNIST, "corruption": "mask", "corruption_level": 0.3},
+    "contractive-mnist": {**_MNIST, "penalty": "contractive", "beta": 0.1},
+    "lecture-l1": {"data": "mnist", "n_examples": 60000, "n_hidden": 400, "penalty": "l1", "beta": 0.1,
+                   "weight_decay": 0.0, "optimizer": "sgd", "lr": 0.1, "epochs": 20, "batch_size": 1000,
+                   "dtype": "float32", "log_every": 60},
+    "topk": {**_MODERN, "activation": "topk", "aux_k": 64},
+    "batchtopk": {**_MODERN, "activation": "batchtopk", "aux_k": 64},
+    "jumprelu": {**_MODERN, "activation": "jumprelu", "penalty": "l0", "beta": 0.01, "tied_init": True},
+    "relu-l1": {**_MODERN, "activation": "relu", "penalty": "l1-decoder", "beta": 0.05},
 }
 PRESET_HELP = {
     "ufldl-patches": "UFLDL's exercise: 10,000 8x8 whitened natural-image patches, 64-25-64, lambda 1e-4, beta 3, rho 0.01, 400 L-BFGS iterations.",
     "ufldl-patches-adam": "The same problem trained with minibatch Adam and a running estimate of rho_hat.",
+    "ufldl-mnist": "UFLDL's vectorization exercise: the first 10,000 MNIST training digits, 784-196-784, rho 0.1, lambda 3e-3, beta 3, 400 L-BFGS iterations.",
+    "undercomplete-mnist": "An under-complete autoencoder (seed 001): 784-64-784, no sparsity term, L-BFGS.",
+    "denoising-mnist": "A denoising autoencoder (seed 001): 30% of the pixels zeroed, the clean digit as the target.",
+    "contractive-mnist": "A contractive autoencoder (seed 001): penalty 0.1 * ||dh/dx||_F^2 in closed form, no KL term.",
+    "lecture-l1": "Seed 003's exercise: 784-400-784 with an L1 penalty on the hidden activations, minibatch SGD (batch 1000, 20 epochs) on all 60,000 digits.",
+    "topk": "A TopK dictionary (k per example), AuxK for dead units; synthetic data unless --data PATH.",
+    "batchtopk": "A BatchTopK dictionary (k per example on average over the batch), AuxK; synthetic data unless --data PATH.",
+    "jumprelu": "A JumpReLU dictionary: learned thresholds, L0 penalty through a straight-through estimator.",
+    "relu-l1": "A ReLU dictionary with an L1 penalty weighted by decoder column norms.",
 }
 
 

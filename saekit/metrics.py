@@ -6,6 +6,11 @@ from .config import TrainConfig
 from .training import loss_terms
 
 
+def fraction(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN where the data have no variance to explain."""
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, cfg: TrainConfig, target: torch.Tensor | None = None) -> dict:
     """Cost and its terms (rho_hat exact over x), rho_hat statistics and reconstruction errors.
@@ -29,7 +34,7 @@ def evaluate(model, x: torch.Tensor, cfg: TrainConfig, target: torch.Tensor | No
         "rho_hat_max": float(rho_hat.max()),
         "rho_hat_std": float(rho_hat.std()) if rho_hat.numel() > 1 else 0.0,
         "mse": squared / error.numel(),
-        "fvu": squared / float((y - y.mean(0)).pow(2).sum()),
+        "fvu": fraction(squared, float((y - y.mean(0)).pow(2).sum())),
     }
 
 
@@ -62,7 +67,7 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
     metrics = {
         "n_examples": n,
         "mse": squared_error / (n * model.n_inputs),
-        "fvu": squared_error / max(variance, 1e-30),
+        "fvu": fraction(squared_error, variance),
         "l0": active / n,
         "dead_fraction": float((density == 0).double().mean()),
         "density_median": float(density.median()),

@@ -82,8 +82,8 @@ def new_run_dir(out: str | None, name: str) -> Path:
     return run_dir
 
 
-def save_config(run_dir, cfg: TrainConfig, preset: str) -> Path:
-    record = {"config": cfg.to_dict(), "preset": preset, "versions": versions(), "command": sys.argv,
+def save_config(run_dir, cfg: TrainConfig, preset: str, command: list[str] | None = None) -> Path:
+    record = {"config": cfg.to_dict(), "preset": preset, "versions": versions(), "command": command or sys.argv,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return write_json(Path(run_dir) / "config.json", record)
 
@@ -116,7 +116,8 @@ def load_model(run_dir, device: str = "cpu", name: str = "weights.safetensors") 
         model = SparseAutoencoder(dtype=tensors["W1"].dtype, device=device, **arch)
         model.load_state_dict(tensors)
     except (safetensors.SafetensorError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
-        raise UserError(f"{path} is corrupt or not a saekit weights file ({type(e).__name__}: {e}).") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} is corrupt or not a saekit weights file ({type(e).__name__}: {first_line}).") from None
     return model
 
 

@@ -69,9 +69,8 @@ def loss_terms(model, x, cfg: TrainConfig, target=None, running: RunningRhoHat |
     else:
         surrogate = sparsity = torch.zeros((), dtype=x.dtype, device=x.device)
     loss = reconstruction + decay + surrogate
-    evaluation = Evaluation(
-        float(reconstruction + decay + sparsity), float(reconstruction), float(decay), float(sparsity), rho_hat.detach()
-    )
+    terms = [float(t.detach()) for t in (reconstruction + decay + sparsity, reconstruction, decay, sparsity)]
+    evaluation = Evaluation(*terms, rho_hat.detach())
     return loss, evaluation
 
 

@@ -67,7 +67,7 @@ def sparse_autoencoder_cost(theta, visible_size, hidden_size, lambda_, sparsity_
     theta, data = theta.astype(dtype, copy=False), data.astype(dtype, copy=False)
     if data.ndim != 2 or data.shape[0] != visible_size:
         raise UserError(f"data has shape {data.shape}; it must be (visible_size={visible_size}, m), one example per column.")
-    if not (0 < sparsity_param < 1) or beta < 0 or lambda_ < 0:
+    if not (0 < sparsity_param < 1) or not beta >= 0 or not lambda_ >= 0:  # `not >=` also refuses NaN
         raise UserError("need 0 < sparsity_param < 1, beta >= 0 and lambda_ >= 0.")
     W1, W2, b1, b2 = (torch.from_numpy(a) for a in _split_theta(theta, visible_size, hidden_size))
     result, _workspace = classic.cost_and_grad(

@@ -120,8 +120,6 @@ def test_unknown_parameter():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
-@pytest.mark.xfail(reason="BUG: the estimator does not check the device as the CLI does; device='cuda' without "
-                   "a GPU raises torch's AssertionError instead of a UserError", strict=True)
 def test_missing_cuda_is_a_user_error(X):
     with pytest.raises(UserError):
         SparseAutoencoderEstimator(n_hidden=N_HIDDEN, max_iter=2, device="cuda").fit(X)

@@ -71,9 +71,6 @@ def test_weights_without_saekit_metadata_is_a_user_error(tmp_path):
         runs.load_model(tmp_path)
 
 
-@pytest.mark.xfail(reason="BUG: a weights file whose shapes disagree with its metadata gives a UserError "
-                   "that embeds torch's multi-line load_state_dict message, so the CLI prints several lines",
-                   strict=True)
 def test_weights_with_wrong_shapes_give_a_one_line_user_error(tmp_path):
     runs.save_model(tmp_path, SparseAutoencoder(3, 2))
     path = str(tmp_path / "weights.safetensors")

@@ -239,9 +239,6 @@ def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.xfail(reason="BUG: loss_terms calls float() on tensors that require grad, so every autograd "
-                   "objective (relu, l1, linear outputs...) prints torch's UserWarning 'Converting a tensor with "
-                   "requires_grad=True to a scalar'", strict=True)
 def test_autograd_training_emits_no_warning(x):
     cfg = TrainConfig(n_hidden=N_HIDDEN, activation="relu", output="linear", penalty="l1", max_iter=2)
     torch.set_warn_always(True)  # torch shows this warning once per process; make every one visible

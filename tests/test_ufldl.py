@@ -182,7 +182,7 @@ def test_bad_input_raises_user_error(data, change, words):
         ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, args["lambda_"], args["sparsity_param"], args["beta"], x)
 
 
-@pytest.mark.xfail(reason="BUG: NaN beta/lambda_ pass the `beta < 0 or lambda_ < 0` check and give a NaN cost", strict=True)
+
 @pytest.mark.parametrize("name", ["beta", "lambda_"])
 def test_nan_hyper_parameters_raise_user_error(data, name):
     theta = ufldl.initialize_parameters(HIDDEN, VISIBLE, np.random.default_rng(0))
