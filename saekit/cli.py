@@ -5,6 +5,9 @@
     saekit train --resume RUN    continue an interrupted run
     saekit gradcheck             the exercise's gradient check
     saekit presets               the presets and what they change
+    saekit eval RUN --data PATH  metrics of a trained dictionary on other data
+    saekit harvest ...           a transformer layer's activations over text files, as shards
+    saekit export RUN --out DIR  the dictionary in SAELens's format; `saekit import DIR` reads one
 
 A mistake the user can fix prints one line `saekit: error: ...` and exits with status 2.
 """
@@ -25,6 +28,7 @@ from .data.synthetic import recovery_score
 from .data.vectors import open_vectors
 from .errors import UserError
 from .harvest import add_harvest_arguments, run_harvest
+from .interop import add_export_arguments, add_import_arguments, run_export, run_import
 from .metrics import evaluate, evaluate_stream
 from .model import SPARSE_ACTIVATIONS, SparseAutoencoder
 from .reports import save_density_png, write_pictures
@@ -96,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run a Hugging Face transformers model (offline) over text files and save "
                              "one layer's activations as .safetensors shards that `saekit train --data` streams.")
     add_harvest_arguments(harvest)
+
+    export = sub.add_parser("export", help="write a run's dictionary in SAELens's format",
+                            description="Write RUN's dictionary as a SAELens folder (cfg.json + sae_weights.safetensors).")
+    add_export_arguments(export)
+    imp = sub.add_parser("import", help="make a saekit run folder from a SAELens dictionary",
+                         description="Read a SAELens folder (cfg.json + sae_weights.safetensors) into a saekit run folder.")
+    add_import_arguments(imp)
     return parser
 
 
@@ -104,7 +115,7 @@ def main(argv=None) -> int:
     args.argv = ["saekit", *(sys.argv[1:] if argv is None else argv)]
     try:
         commands = {"train": cmd_train, "gradcheck": cmd_gradcheck, "presets": cmd_presets, "eval": cmd_eval,
-                    "harvest": run_harvest}
+                    "harvest": run_harvest, "export": run_export, "import": run_import}
         return commands[args.command](args)
     except UserError as e:
         print(f"saekit: error: {e}", file=sys.stderr)

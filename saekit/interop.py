@@ -198,7 +198,8 @@ def import_saelens(folder) -> SparseAutoencoder:
         norms = t["W_dec"].norm(dim=1)
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * norms, t["b_enc"] * norms, t["W_dec"] / norms[:, None]
     saekit = _dict(_dict(cfg.get("metadata")).get("saekit_architecture"))  # written by export_saelens
-    if activation == "jumprelu" and saekit.get("activation") == "batchtopk" and bool((t["threshold"] == t["threshold"][0]).all()):
+    one_threshold = activation == "jumprelu" and bool((t["threshold"] == t["threshold"][0]).all())
+    if one_threshold and saekit.get("activation") == "batchtopk":
         activation, k = "batchtopk", _positive_int(saekit.get("k"), "metadata.saekit_architecture.k", where)
     options = {"k": k} if k else {}
     if activation == "jumprelu" and "jumprelu_bandwidth" in saekit:
