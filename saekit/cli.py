@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, runs, ufldl
+from . import distributed, runs, stages, ufldl
 from .config import PRESET_HELP, PRESETS, TrainConfig, build_config, dashed, field_docs
 from .data import load_training_data
 from .data.synthetic import recovery_score
@@ -37,7 +37,9 @@ from .training import Minibatch, fit
 GRADCHECK_TOLERANCE = 1e-9
 INITIAL_WEIGHTS = "initial.safetensors"  # the weights before training, for the before/after pictures
 EVAL_ROWS = 100_000  # rows of the training data the final metrics are computed on
-REPORTED = ("cost", "reconstruction", "weight_decay", "sparsity", "rho_hat_mean", "mse", "fvu", "l0", "dead_fraction", "recovery")
+CLASSIFICATION_REPORTED = ("accuracy", "accuracy_before_fine_tuning", "accuracy_raw_pixels")
+REPORTED = ("cost", "reconstruction", "weight_decay", "sparsity", "rho_hat_mean", "mse", "fvu", "l0", "dead_fraction",
+            "recovery", *CLASSIFICATION_REPORTED)
 
 
 def _field_type(annotation):
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets and what they change")
 
+    cl = sub.add_parser("classify", help="train and test a classifier on a trained run's codes",
+                        description="Drop the decoder, put a softmax on the hidden units of RUN's autoencoder (and "
+                        "its stacked layers), train it on the run's MNIST / Fashion-MNIST training images and test it "
+                        "on the test set; writes RUN/classification.json and RUN/confusion.png.")
+    cl.add_argument("run", metavar="RUN", help="a run folder trained on mnist or fashion-mnist")
+    cl.add_argument("--protocol", default="softmax", choices=["softmax", "fine-tune", "self-taught"],
+                    help="softmax on frozen codes; fine-tune the encoders too; or UFLDL's self-taught split")
+    cl.add_argument("--softmax-max-iter", type=int, help="L-BFGS iterations of the softmax (default: the run's)")
+    cl.add_argument("--finetune-max-iter", type=int, help="L-BFGS iterations of fine-tuning (default: the run's)")
+    cl.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     ev = sub.add_parser("eval", help="metrics of a trained dictionary on a data set",
                         description="Print and save (RUN/eval.json, RUN/eval_density.png) the MSE, FVU, L0, dead "
                         "fraction, feature density and decoder norms of RUN's dictionary on vectors from --data.")
@@ -115,6 +128,7 @@ def main(argv=None) -> int:
     args.argv = ["saekit", *(sys.argv[1:] if argv is None else argv)]
     try:
         commands = {"train": cmd_train, "gradcheck": cmd_gradcheck, "presets": cmd_presets, "eval": cmd_eval,
+                    "classify": cmd_classify,
                     "harvest": run_harvest, "export": run_export, "import": run_import}
         return commands[args.command](args)
     except UserError as e:
@@ -199,7 +213,7 @@ def _train_full_batch(args, run_dir, cfg, resumed, data) -> int:
     runs.save_model(run_dir, model)
     runs.save_history(run_dir, history)
     runs.write_json(run_dir / "state.json", {"steps_done": len(history), "steps_total": cfg.max_iter, "finished": not interrupted})
-    return _report(run_dir, cfg, data, model, history, interrupted, evaluate(model, data.x, cfg))
+    return _report(run_dir, cfg, data, model, history, interrupted, evaluate(model, data.x, cfg), not args.no_progress)
 
 
 def _train_minibatch(args, run_dir, cfg, resumed, data) -> int:
@@ -233,10 +247,15 @@ def _train_minibatch(args, run_dir, cfg, resumed, data) -> int:
         metrics.update({f"cost_{k}" if k in metrics else k: v for k, v in evaluate(final, data.x, cfg).items()
                         if k in ("cost", "reconstruction", "sparsity", "weight_decay", "rho_hat_mean")})
     save_density_png(density, run_dir / "density.png")
-    return _report(run_dir, cfg, data, final, history, interrupted, metrics)
+    return _report(run_dir, cfg, data, final, history, interrupted, metrics, not args.no_progress)
 
 
-def _report(run_dir, cfg, data, model, history, interrupted, metrics) -> int:
+def _report(run_dir, cfg, data, model, history, interrupted, metrics, progress=True) -> int:
+    if not interrupted and (cfg.stack or cfg.classify != "none"):
+        layers = stages.train_stack(run_dir, cfg, model, data.x, progress)
+        if cfg.classify != "none":
+            result = stages.classify(run_dir, cfg, layers, data.x, data.labels, progress)
+            metrics.update({k: result[k] for k in CLASSIFICATION_REPORTED if k in result})
     runs.write_json(run_dir / "metrics.json", metrics)
     initial = runs.load_model(run_dir, cfg.device, INITIAL_WEIGHTS)
     x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
@@ -247,6 +266,25 @@ def _report(run_dir, cfg, data, model, history, interrupted, metrics) -> int:
     if interrupted:
         print(f"interrupted; continue with: saekit train --resume {run_dir}", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_classify(args) -> int:
+    run_dir = Path(args.run)
+    cfg = dataclasses.replace(runs.load_config(run_dir), classify=args.protocol, stack=None)
+    if args.softmax_max_iter:
+        cfg = dataclasses.replace(cfg, softmax_max_iter=args.softmax_max_iter)
+    if args.finetune_max_iter:
+        cfg = dataclasses.replace(cfg, finetune_max_iter=args.finetune_max_iter)
+    layers = [runs.load_model(run_dir, cfg.device)]
+    i = 2
+    while (run_dir / f"layer{i}.safetensors").is_file():
+        layers.append(runs.load_model(run_dir, cfg.device, f"layer{i}.safetensors"))
+        i += 1
+    data = load_training_data(cfg)
+    result = stages.classify(run_dir, cfg, layers, data.x, data.labels, not args.no_progress)
+    print(", ".join(f"{k} {result[k]:.4f}" for k in CLASSIFICATION_REPORTED if k in result))
+    print(f"wrote {run_dir / 'classification.json'}, {run_dir / 'confusion.png'}")
     return 0
 
 

@@ -108,6 +108,19 @@ class TrainConfig:
     """Minibatch training: steps between checkpoints (one is also written at the end and on Ctrl-C)."""
     tensorboard: bool = False
     """Also log the history to TensorBoard (needs the tensorboard package)."""
+    # --- classification (MNIST / Fashion-MNIST)
+    stack: str | None = None
+    """Stacked autoencoder: hidden sizes of further autoencoders, each trained on the previous one's codes, e.g. '200'."""
+    classify: str = "none"
+    """After training: 'softmax' (a softmax on the codes, trained on the training images, tested on the test set), 'fine-tune' (then back-propagate through the encoders too), 'self-taught' (UFLDL: softmax on the first half of the training digits 0-4, tested on the second half, against raw pixels) or 'none'."""
+    softmax_weight_decay: float = 1e-4
+    """Weight decay of the softmax classifier."""
+    softmax_max_iter: int = 100
+    """L-BFGS iterations for the softmax classifier."""
+    finetune_weight_decay: float = 3e-3
+    """Weight decay on every weight while fine-tuning."""
+    finetune_max_iter: int = 400
+    """L-BFGS iterations of fine-tuning."""
     # --- run
     dtype: str = "float64"
     """Floating-point type of the model and the data: 'float64' or 'float32'."""
@@ -122,7 +135,7 @@ class TrainConfig:
             raise UserError("invalid configuration: " + "; ".join(problems) + ".")
         positive_ints = ("n_examples", "patch_size", "n_hidden", "max_iter", "lbfgs_memory", "epochs", "batch_size",
                          "k", "synthetic_inputs", "synthetic_atoms", "synthetic_k", "shuffle_buffer", "log_every",
-                         "checkpoint_every", "dead_after")
+                         "checkpoint_every", "dead_after", "softmax_max_iter", "finetune_max_iter")
         for name in ("steps", "aux_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"--{dashed(name)} must be a whole number >= 0 (got {getattr(self, name)!r})")
@@ -132,7 +145,7 @@ class TrainConfig:
                 problems.append(f"--{dashed(name)} must be a whole number >= 1 (got {value!r})")
         if not 0 < self.rho < 1:
             problems.append(f"--rho must lie strictly between 0 and 1 (got {self.rho})")
-        for name in ("beta", "weight_decay", "aux_coefficient"):
+        for name in ("beta", "weight_decay", "aux_coefficient", "softmax_weight_decay", "finetune_weight_decay"):
             if not getattr(self, name) >= 0:  # also catches NaN
                 problems.append(f"--{dashed(name)} must be >= 0 (got {getattr(self, name)})")
         for name in ("jumprelu_threshold", "jumprelu_bandwidth"):
@@ -149,6 +162,7 @@ class TrainConfig:
             "activation": ("sigmoid", "relu", "topk", "batchtopk", "jumprelu"),
             "decoder_bias_init": ("zeros", "mean", "geometric-median"),
             "autocast": ("none", "bf16", "fp16"),
+            "classify": ("none", "softmax", "fine-tune", "self-taught"),
             "output": ("sigmoid", "linear"),
             "penalty": ("kl", "l1", "l1-decoder", "l0", "contractive", "none"),
             "optimizer": ("lbfgs", "adam", "sgd"),
@@ -165,6 +179,12 @@ class TrainConfig:
             problems.append("--penalty contractive needs --activation sigmoid or relu")
         if self.activation in ("topk", "batchtopk", "jumprelu") and self.optimizer == "lbfgs":
             problems.append(f"--activation {self.activation} trains with minibatches: use --optimizer adam")
+        if self.classify != "none" and self.data not in ("mnist", "fashion-mnist"):
+            problems.append("--classify needs labelled data: --data mnist or fashion-mnist")
+        try:
+            stack_sizes(self.stack)
+        except UserError as e:
+            problems.append(str(e))
         if self.scale_inputs and self.output != "linear":
             problems.append("--scale-inputs needs --output linear (a sigmoid output cannot be rescaled)")
         if self.aux_k and self.activation not in ("topk", "batchtopk"):
@@ -210,6 +230,19 @@ def _device_problems(device: str) -> list[str]:
     if kind == "cuda" and not torch.cuda.is_available():
         return ["--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu"]
     return []
+
+
+def stack_sizes(spec: str | None) -> list[int]:
+    """'200' -> [200]; '200,100' -> [200, 100]; None -> []."""
+    if spec is None:
+        return []
+    try:
+        sizes = [int(part) for part in spec.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--stack {spec!r} is not a list of hidden sizes such as '200' or '200,100'")
+    return sizes
 
 
 def parse_digits(spec: str | None) -> list[int] | None:
@@ -264,7 +297,9 @@ PRESETS: dict[str, dict] = {
     "contractive-mnist": {**_MNIST, "penalty": "contractive", "beta": 0.1},
     "lecture-l1": {"data": "mnist", "n_examples": 60000, "n_hidden": 400, "penalty": "l1", "beta": 0.1,
                    "weight_decay": 0.0, "optimizer": "sgd", "lr": 0.1, "epochs": 20, "batch_size": 1000,
-                   "dtype": "float32", "log_every": 60},
+                   "dtype": "float32", "log_every": 60, "classify": "fine-tune", "finetune_weight_decay": 1e-4},
+    "ufldl-self-taught": {**_MNIST, "digits": "5-9", "n_examples": 29404, "n_hidden": 200, "classify": "self-taught"},
+    "ufldl-stacked": {**_MNIST, "n_examples": 60000, "n_hidden": 200, "stack": "200", "classify": "fine-tune"},
     "topk": {**_MODERN, "activation": "topk", "aux_k": 64},
     "batchtopk": {**_MODERN, "activation": "batchtopk", "aux_k": 64},
     "jumprelu": {**_MODERN, "activation": "jumprelu", "penalty": "l0", "beta": 0.01, "tied_init": True},
@@ -277,7 +312,9 @@ PRESET_HELP = {
     "undercomplete-mnist": "An under-complete autoencoder (seed 001): 784-64-784, no sparsity term, L-BFGS.",
     "denoising-mnist": "A denoising autoencoder (seed 001): 30% of the pixels zeroed, the clean digit as the target.",
     "contractive-mnist": "A contractive autoencoder (seed 001): penalty 0.1 * ||dh/dx||_F^2 in closed form, no KL term.",
-    "lecture-l1": "Seed 003's exercise: 784-400-784 with an L1 penalty on the hidden activations, minibatch SGD (batch 1000, 20 epochs) on all 60,000 digits.",
+    "lecture-l1": "Seed 003's exercise: 784-400-784 with an L1 penalty on the hidden activations, minibatch SGD (batch 1000, 20 epochs) on all 60,000 digits; then a softmax on the codes, fine-tuned with the encoder.",
+    "ufldl-self-taught": "UFLDL's self-taught learning: features from the 29,404 training digits 5-9 (784-200), a softmax on the digits 0-4, against a softmax on raw pixels.",
+    "ufldl-stacked": "UFLDL's stacked autoencoder 784-200-200-10: two sparse autoencoders trained greedily on all 60,000 digits, a softmax, then fine-tuning; tested on the 10,000 test digits.",
     "topk": "A TopK dictionary (k per example), AuxK for dead units; synthetic data unless --data PATH.",
     "batchtopk": "A BatchTopK dictionary (k per example on average over the batch), AuxK; synthetic data unless --data PATH.",
     "jumprelu": "A JumpReLU dictionary: learned thresholds, L0 penalty through a straight-through estimator.",

@@ -1,0 +1,275 @@
+"""saekit.activations through SparseAutoencoder: TopK / BatchTopK codes and their k-sparse backward
+(AuxK codes included) against a dense autograd reference written here with dense masks; BatchTopK's
+budget, widening loop and threshold; JumpReLU's forward and straight-through gradients by hand."""
+
+import pytest
+import torch
+
+from saekit.activations import BatchTopK, JumpReLU
+from saekit.model import SparseAutoencoder
+
+D, N_HIDDEN, BATCH, K = 16, 64, 12, 4
+
+
+def _model(activation, pre_bias, seed=0):
+    """A float64 model with non-zero biases, so that pre_bias matters."""
+    model = SparseAutoencoder(D, N_HIDDEN, activation, "linear", seed=seed, k=K, pre_bias=pre_bias)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        model.b1.copy_(0.1 * torch.randn(N_HIDDEN, generator=g, dtype=torch.float64))
+        model.b2.copy_(0.3 * torch.randn(D, generator=g, dtype=torch.float64))
+    return model
+
+
+def _x(seed=1, m=BATCH):
+    return torch.randn(m, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _dense(values, indices, n_hidden=N_HIDDEN):
+    """Scatter (batch, k) codes into (batch, n_hidden), differentiable in values; written here, not saekit's."""
+    return values.new_zeros(values.shape[0], n_hidden).scatter_add(1, indices, values)
+
+
+def _reference_z2(params, x, pre_bias):
+    W1, b1, _, b2 = params
+    return ((x - b2) if pre_bias else x) @ W1.T + b1
+
+
+def _topk_mask(z2, k):
+    """(batch, n_hidden) bool: each row's k largest entries."""
+    return torch.zeros_like(z2, dtype=torch.bool).scatter(1, z2.topk(k, dim=1).indices, True)
+
+
+def _batch_topk_mask(z2, k):
+    """(batch, n_hidden) bool: the k * batch largest entries of the whole batch."""
+    flat = torch.zeros(z2.numel(), dtype=torch.bool)
+    flat[z2.reshape(-1).topk(k * z2.shape[0]).indices] = True
+    return flat.view_as(z2)
+
+
+def _params(model):
+    return [p.detach().clone().requires_grad_() for p in (model.W1, model.b1, model.W2, model.b2)]
+
+
+def _loss_weights(seed=5):
+    """Fixed random weights c (batch, D) and target y: L = sum(c * x_hat) + 0.5 ||x_hat - y||^2 tests every direction."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, D, generator=g, dtype=torch.float64), torch.randn(BATCH, D, generator=g, dtype=torch.float64)
+
+
+# --- TopK / BatchTopK codes against a dense reference -------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("pre_bias", [False, True])
+def test_codes_equal_a_dense_reference(activation, pre_bias):
+    model, x = _model(activation, pre_bias), _x()
+    with torch.no_grad():
+        out = model(x)
+        z2 = _reference_z2(_params(model), x, pre_bias)
+    mask = _topk_mask(z2, K) if activation == "topk" else _batch_topk_mask(z2, K)
+    expected = (z2.relu() * mask).detach()
+    assert torch.allclose(_dense(out.h.values, out.h.indices), expected, rtol=0, atol=1e-12)
+    # Every listed index with a non-zero value is a selected unit, listed once per row.
+    for row in range(BATCH):
+        listed = out.h.indices[row][out.h.values[row] > 0]
+        assert len(set(listed.tolist())) == len(listed)
+        assert set(listed.tolist()) == set((expected[row] > 0).nonzero().flatten().tolist())
+    assert torch.allclose(out.x_hat, expected @ model.W2.detach().T + model.b2.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("pre_bias", [False, True])
+@pytest.mark.parametrize("aux_k", [0, 6])
+def test_k_sparse_backward_equals_dense_autograd(activation, pre_bias, aux_k):
+    """Gradients of reconstruction + AuxK loss (dead mask given) through the k-sparse backward equal
+    dense autograd of the same loss written with dense masks."""
+    model, x = _model(activation, pre_bias), _x()
+    c, y = _loss_weights()
+    dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
+    dead[::3] = True  # 22 dead units: more than aux_k, and some of them also in the TopK selection
+    out = model(x, dead=dead, aux_k=aux_k)
+    loss = (c * out.x_hat).sum() + 0.5 * (out.x_hat - y).pow(2).sum()
+    if aux_k:
+        e = (y - out.x_hat).detach()
+        loss = loss + (_dense(out.aux.values, out.aux.indices) @ model.W2.T - e).pow(2).sum()
+    else:
+        assert out.aux is None
+    loss.backward()
+
+    params = _params(model)
+    W1, b1, W2, b2 = params
+    z2 = _reference_z2(params, x, pre_bias)
+    mask = _topk_mask(z2.detach(), K) if activation == "topk" else _batch_topk_mask(z2.detach(), K)
+    x_hat = (z2.relu() * mask) @ W2.T + b2
+    reference = (c * x_hat).sum() + 0.5 * (x_hat - y).pow(2).sum()
+    if aux_k:
+        aux_mask = _topk_mask(z2.detach().masked_fill(~dead, -torch.inf), aux_k)
+        e = (y - x_hat).detach()
+        reference = reference + ((z2.relu() * aux_mask) @ W2.T - e).pow(2).sum()
+    reference.backward()
+    for name, mine, theirs in zip(("W1", "b1", "W2", "b2"), (model.W1, model.b1, model.W2, model.b2), params):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-11), name
+    if aux_k:  # the dead units' encoder rows and decoder columns learn from the AuxK loss
+        assert model.W1.grad[dead].abs().sum(1).gt(0).sum() >= aux_k
+        assert model.W2.grad[:, dead].abs().sum(0).gt(0).sum() >= aux_k
+
+
+def test_auxk_codes_are_the_largest_dead_pre_activations_and_need_dead_units():
+    model, x = _model("topk", True), _x()
+    dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
+    dead[[3, 9, 40]] = True  # fewer dead units than aux_k: all of them, through a ReLU
+    with torch.no_grad():
+        out = model(x, dead=dead, aux_k=8)
+        z2 = _reference_z2(_params(model), x, True)
+    assert out.aux.values.shape == (BATCH, 3)
+    assert torch.allclose(_dense(out.aux.values, out.aux.indices), z2.relu() * dead, rtol=0, atol=1e-12)
+    assert model(x, dead=torch.zeros(N_HIDDEN, dtype=torch.bool), aux_k=8).aux is None
+    assert model(x, dead=dead, aux_k=0).aux is None
+
+
+# --- BatchTopK ---------------------------------------------------------------------------------
+
+
+def _distinct_scores(batch, n_hidden, seed=0):
+    """(batch, n_hidden) distinct values, half positive: a random permutation of a grid."""
+    perm = torch.randperm(batch * n_hidden, generator=torch.Generator().manual_seed(seed))
+    return (perm.to(torch.float64) - batch * n_hidden / 2).view(batch, n_hidden) / 7
+
+
+def _kept(values, indices):
+    """Dense (batch, n_hidden) mask and values of BatchTopK's training output."""
+    return _dense(values, indices, 64) != 0
+
+
+def test_batch_topk_keeps_exactly_k_times_batch_largest_codes():
+    z2 = _distinct_scores(10, 64)
+    values, indices = BatchTopK(3).train()(z2)
+    kept = _kept(values, indices)
+    assert int(kept.sum()) == 3 * 10
+    assert z2[kept].min() > z2[~kept].max()  # every kept value >= every dropped one
+    assert torch.equal(_dense(values, indices), z2 * kept)
+    assert values.shape[1] == int(kept.sum(1).max())  # padded to the widest row only
+
+
+def test_batch_topk_widens_when_one_row_holds_more_than_4k_of_the_top_values():
+    k, batch = 2, 8  # budget 16, first candidate width 4k = 8
+    z2 = -_distinct_scores(batch, 64).abs() - 1  # all negative...
+    z2[0, :12] = torch.arange(12, dtype=torch.float64) + 100  # ...but row 0 holds 12 of the top 16
+    z2[1:5, 0] = torch.tensor([50.0, 51, 52, 53])  # and 4 rows hold one each
+    values, indices = BatchTopK(k).train()(z2)
+    kept = _kept(values, indices)
+    assert kept.sum(1).tolist() == [12, 1, 1, 1, 1, 0, 0, 0]
+    assert kept[0, :12].all() and torch.equal(_dense(values, indices), z2 * kept)
+
+
+def test_batch_topk_widening_through_the_model_matches_dense_autograd():
+    """The same skewed batch through the fused encoder: codes and gradients still match a dense reference."""
+    model = SparseAutoencoder(D, N_HIDDEN, "batchtopk", "linear", seed=3, k=1)
+    x = _x(seed=2, m=8) * 0.01
+    x[0] = model.W1.detach()[:10].sum(0) * 3  # row 0 strongly drives units 0..9: more than 4k of the top 8
+    out = model(x)
+    rows = (out.h.values > 0).sum(1)
+    assert int(rows.sum()) == 8 and int(rows[0]) > 4
+    out.x_hat.pow(2).sum().backward()
+    W1, b1, W2, b2 = params = _params(model)
+    z2 = _reference_z2(params, x, False)
+    x_hat = (z2.relu() * _batch_topk_mask(z2.detach(), 1)) @ W2.T + b2
+    x_hat.pow(2).sum().backward()
+    assert torch.allclose(model.W1.grad, W1.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(model.W2.grad, W2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_topk_drops_non_positive_codes_even_within_budget():
+    z2 = torch.tensor([[3.0, -1.0, -2.0, -3.0], [-0.5, 0.0, -4.0, 2.0]], dtype=torch.float64)
+    values, indices = BatchTopK(2).train()(z2)  # budget 4, but only 2 positive values
+    assert torch.equal(_dense(values, indices, 4), z2.relu())
+
+
+def test_batch_topk_threshold_is_a_running_mean_of_the_smallest_kept_value_and_used_in_eval():
+    module = BatchTopK(2, momentum=0.9).train()
+    assert float(module.threshold) == -1.0
+    first, second = _distinct_scores(5, 64, seed=1), _distinct_scores(5, 64, seed=2) + 0.5
+    module(first)
+    t1 = float(first.reshape(-1).sort(descending=True).values[2 * 5 - 1])
+    assert float(module.threshold) == pytest.approx(t1, rel=1e-6)
+    module(second)
+    t2 = float(second.reshape(-1).sort(descending=True).values[2 * 5 - 1])
+    assert float(module.threshold) == pytest.approx(0.9 * t1 + 0.1 * t2, rel=1e-6)
+    module.eval()
+    z2 = _distinct_scores(4, 64, seed=3)
+    theta = float(module.threshold)
+    expected = torch.where(z2 > theta, z2, torch.zeros_like(z2))
+    assert torch.equal(module(z2), expected)
+
+
+def test_batch_topk_model_in_eval_mode_is_a_threshold_relu():
+    model, x = _model("batchtopk", True), _x()
+    with torch.no_grad():
+        model.batch_topk.threshold.fill_(0.05)
+        model.eval()
+        out = model(x)
+        z2 = _reference_z2(_params(model), x, True)
+    expected = z2 * (z2 > 0.05)
+    assert torch.allclose(out.h, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(out.x_hat, expected @ model.W2.detach().T + model.b2.detach(), rtol=0, atol=1e-12)
+
+
+# --- JumpReLU ----------------------------------------------------------------------------------
+
+
+def _jumprelu_case():
+    """theta = (0.5, 1.0, 2.0), bandwidth 0.2: pre-activations inside and outside each unit's window."""
+    module = JumpReLU(3, initial_threshold=1.0, bandwidth=0.2, dtype=torch.float64)
+    with torch.no_grad():
+        module.log_threshold.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64).log())
+    z = torch.tensor([[0.45, 0.95, 2.5],   # unit 0 window (0.4, 0.6): in; unit 1 (0.9, 1.1): in; unit 2 (1.9, 2.1): out
+                      [0.70, 1.05, 1.95],  # out, in, in
+                      [0.55, 0.50, 2.05],  # in, out, in
+                      [-1.0, 1.20, 0.00]],  # out, out, out
+                     dtype=torch.float64, requires_grad=True)
+    grad = torch.tensor([[1.0, -2.0, 3.0], [0.5, 4.0, -1.5], [2.0, 1.0, 0.25], [7.0, 7.0, 7.0]], dtype=torch.float64)
+    return module, z, grad
+
+
+def test_jumprelu_forward_is_z_times_step():
+    module, z, _ = _jumprelu_case()
+    theta = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    expected = torch.tensor([[0.0, 0.0, 2.5], [0.7, 1.05, 0.0], [0.55, 0.0, 2.05], [0.0, 1.2, 0.0]], dtype=torch.float64)
+    assert torch.equal(module(z), expected)
+    assert torch.equal(module(z), z * (z > theta))
+
+
+def test_jumprelu_straight_through_gradients_by_hand():
+    module, z, grad = _jumprelu_case()
+    (module(z) * grad).sum().backward()
+    theta, eps = [0.5, 1.0, 2.0], 0.2
+    inside = [[1, 1, 0], [0, 1, 1], [1, 0, 1], [0, 0, 0]]
+    # d/d log_theta_j = sum_b -(theta_j / eps) K((z_bj - theta_j) / eps) g_bj * theta_j  (chain rule through exp)
+    expected = [sum(-(theta[j] / eps) * inside[b][j] * float(grad[b, j]) * theta[j] for b in range(4)) for j in range(3)]
+    assert module.log_threshold.grad.tolist() == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == pytest.approx(-(0.5 / 0.2) * (1.0 + 2.0) * 0.5)  # the formula spelled out once
+    assert torch.equal(z.grad, grad * (z > torch.tensor(theta, dtype=torch.float64)))
+
+
+def test_jumprelu_l0_estimator_by_hand():
+    module, z, _ = _jumprelu_case()
+    l0 = module.l0(z)
+    assert float(l0.detach()) == pytest.approx((1 + 2 + 2 + 1) / 4)  # active units per row, as in the forward test
+    l0.backward()
+    theta, eps = [0.5, 1.0, 2.0], 0.2
+    inside_counts = [2, 2, 2]  # rows inside each unit's window
+    expected = [-(1 / eps) * inside_counts[j] / 4 * theta[j] for j in range(3)]
+    assert module.log_threshold.grad.tolist() == pytest.approx(expected, rel=1e-12)
+    assert z.grad is None  # the count passes no gradient to the pre-activations
+
+
+def test_jumprelu_model_forward_with_pre_bias():
+    model, x = _model("jumprelu", True), _x()
+    with torch.no_grad():
+        model.jumprelu.log_threshold.copy_(torch.linspace(-3, 0, N_HIDDEN, dtype=torch.float64))
+        out = model(x)
+        z2 = _reference_z2(_params(model), x, True)
+    expected = z2 * (z2 > model.jumprelu.log_threshold.exp())
+    assert torch.allclose(out.h, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(out.z2, z2, rtol=0, atol=1e-12)

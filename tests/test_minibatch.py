@@ -1,0 +1,550 @@
+"""saekit.training.Minibatch on modern dictionaries: one step against a dense autograd reference
+(penalties, AuxK, running rho_hat), dictionary recovery on synthetic data, decoder normalisation,
+initialisations, the input scale, dead-unit counters, exact resume (in-process and through the CLI),
+evaluate_stream, `saekit eval`, and damaged checkpoints."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import safetensors.torch
+import scipy.optimize
+import torch
+import torch.nn.functional as F
+
+from saekit import runs
+from saekit.cli import main
+from saekit.config import TrainConfig
+from saekit.data.synthetic import SyntheticDictionary, recovery_score
+from saekit.data.vectors import open_vectors
+from saekit.errors import UserError
+from saekit.metrics import evaluate_stream
+from saekit.model import SparseAutoencoder
+from saekit.training import Minibatch
+
+D, N_HIDDEN = 16, 64
+
+
+def _cfg(**kw):
+    settings = dict(optimizer="adam", lr=1e-2, output="linear", penalty="none", weight_decay=0.0, batch_size=25,
+                    steps=5, log_every=1, n_hidden=N_HIDDEN, k=4)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def _model(cfg, d=D):
+    return SparseAutoencoder(d, cfg.n_hidden, cfg.activation, cfg.output, dtype=getattr(torch, cfg.dtype),
+                             seed=cfg.seed, k=cfg.k, pre_bias=cfg.pre_bias, tied_init=cfg.tied_init,
+                             jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+
+
+def _data(n=100, d=D, seed=0, offset=0.3):
+    return offset + torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _unit_interval(n=100, d=D, seed=0):
+    return 0.1 + 0.8 * torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _trainer(x, cfg, state=None, model=None):
+    return Minibatch(_model(cfg, x.shape[1]) if model is None else model, open_vectors(x), cfg, state)
+
+
+def _tensors(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+# --- one step against a dense autograd reference ------------------------------------------------
+
+
+def _topk_mask(z2, k):
+    return torch.zeros_like(z2, dtype=torch.bool).scatter(1, z2.topk(k, dim=1).indices, True)
+
+
+def _reference(params, x, cfg, dead=None):
+    """The loss terms of one full batch, written out densely: (loss to differentiate, terms, error, h)."""
+    W1, b1, W2, b2 = params
+    z2 = ((x - b2) if cfg.pre_bias else x) @ W1.T + b1
+    if cfg.activation == "sigmoid":
+        h = torch.sigmoid(z2)
+    elif cfg.activation == "relu":
+        h = z2.relu()
+    else:  # topk
+        h = z2.relu() * _topk_mask(z2.detach(), cfg.k)
+    x_hat = h @ W2.T + b2
+    x_hat = torch.sigmoid(x_hat) if cfg.output == "sigmoid" else x_hat
+    error = x_hat - x
+    reconstruction = 0.5 * error.pow(2).sum(1).mean()
+    if cfg.penalty == "l1":
+        sparsity = cfg.beta * h.abs().sum(1).mean()
+    elif cfg.penalty == "l1-decoder":
+        sparsity = cfg.beta * (h.abs() * W2.norm(dim=0)).sum(1).mean()
+    elif cfg.penalty == "kl":
+        rho, rho_hat = cfg.rho, h.mean(0)
+        sparsity = cfg.beta * (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    else:
+        sparsity = torch.zeros((), dtype=x.dtype)
+    aux = torch.zeros((), dtype=x.dtype)
+    if dead is not None:
+        e = (x - x_hat).detach()
+        e_hat = (z2.relu() * _topk_mask(z2.detach().masked_fill(~dead, -torch.inf), cfg.aux_k)) @ W2.T
+        aux = cfg.aux_coefficient * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    decay = 0.5 * cfg.weight_decay * (W1.pow(2).sum() + W2.pow(2).sum())
+    terms = {"reconstruction": reconstruction, "sparsity": sparsity, "aux": aux, "weight_decay": decay}
+    return reconstruction + sparsity + aux + decay, terms, error.detach(), h.detach()
+
+
+STEP_CASES = {
+    "relu-l1": dict(activation="relu", penalty="l1", beta=0.05, weight_decay=1e-3),
+    "relu-l1-decoder": dict(activation="relu", penalty="l1-decoder", beta=0.05, pre_bias=True),
+    "topk-l1-decoder": dict(activation="topk", penalty="l1-decoder", beta=0.05, pre_bias=True),
+    "topk-auxk": dict(activation="topk", aux_k=5, aux_coefficient=0.5, pre_bias=True, dead_after=1000),
+    "sigmoid-kl": dict(activation="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.1, weight_decay=1e-3),
+}
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_one_sgd_step_follows_dense_autograd_of_the_loss(case):
+    """With the whole data in one batch (its order does not change a mean), step 1 of SGD moves the
+    parameters by -lr times the gradient of our own dense loss, and history's row 1 reports its terms.
+    For the KL penalty, the running rho_hat of step 1 is the batch's own mean, so this is the exact KL."""
+    x = _unit_interval(60)
+    cfg = _cfg(optimizer="sgd", lr=0.5, batch_size=60, steps=1, **STEP_CASES[case])
+    trainer = _trainer(x, cfg)
+    dead = None
+    if cfg.aux_k:
+        dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
+        dead[::4] = True
+        trainer.since_fired[dead] = cfg.dead_after  # these 16 units have not fired for dead_after examples
+    params = [p.detach().clone().requires_grad_() for p in (trainer.model.W1, trainer.model.b1,
+                                                            trainer.model.W2, trainer.model.b2)]
+    loss, terms, error, h = _reference(params, x, cfg, dead)
+    grads = torch.autograd.grad(loss, params)
+    trainer.run(progress=False)
+    for name, p, p0, g in zip(("W1", "b1", "W2", "b2"), (trainer.model.W1, trainer.model.b1, trainer.model.W2,
+                                                         trainer.model.b2), params, grads):
+        assert torch.allclose(p.detach(), p0.detach() - cfg.lr * g, rtol=0, atol=1e-12), name
+    (row,) = trainer.history
+    for name, value in terms.items():
+        assert row[name] == pytest.approx(float(value), rel=1e-10, abs=1e-14), name
+    assert row["cost"] == pytest.approx(float(sum(terms.values())), rel=1e-10)
+    assert row["fvu"] == pytest.approx(float(error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-10)
+    assert row["mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-10)
+    assert row["l0"] == pytest.approx(float((h > 0).sum(1).double().mean()), rel=1e-12)
+    if cfg.penalty in ("l1", "l1-decoder", "kl"):
+        assert float(terms["sparsity"]) > 1e-3  # the penalty is really there
+    if dead is not None:  # AuxK: dead units' decoder columns learn from the residual
+        assert float(terms["aux"]) > 1e-3
+        assert (grads[2][:, dead].abs().sum(0) > 0).sum() >= cfg.aux_k
+
+
+def test_l1_decoder_penalty_by_hand():
+    """beta * mean_i sum_j |h_ij| ||W2[:, j]||, written with loops on a tiny model, is history's sparsity."""
+    x = _data(6, d=3, seed=4)
+    cfg = _cfg(activation="relu", penalty="l1-decoder", beta=0.7, n_hidden=4, batch_size=6, steps=1)
+    trainer = _trainer(x, cfg)
+    W1, b1, W2 = (p.detach().tolist() for p in (trainer.model.W1, trainer.model.b1, trainer.model.W2))
+    total = 0.0
+    for row in x.tolist():
+        for j in range(4):
+            h = max(0.0, sum(W1[j][i] * row[i] for i in range(3)) + b1[j])
+            total += h * sum(W2[i][j] ** 2 for i in range(3)) ** 0.5
+    trainer.run(progress=False)
+    assert trainer.history[0]["sparsity"] == pytest.approx(0.7 * total / 6, rel=1e-12)
+
+
+def test_kl_running_rho_hat_is_an_exponential_moving_average_of_batch_means():
+    x = _unit_interval(40)
+    cfg = _cfg(activation="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.05, rho_momentum=0.7,
+               batch_size=40, steps=6, checkpoint_every=1)
+    trainer = _trainer(x, cfg)
+    snapshots = [_tensors(trainer.model)]  # the parameters each step starts from
+    trainer.run(progress=False, checkpoint=lambda: snapshots.append(_tensors(trainer.model)))
+    rho_hat = None
+    for step, row in enumerate(trainer.history):
+        p = snapshots[step]
+        batch_mean = torch.sigmoid(x @ p["W1"].T + p["b1"]).mean(0)
+        rho_hat = batch_mean if rho_hat is None else 0.7 * rho_hat + 0.3 * batch_mean
+        kl = 0.05 * torch.log(0.05 / rho_hat) + 0.95 * torch.log(0.95 / (1 - rho_hat))
+        assert row["sparsity"] == pytest.approx(3.0 * float(kl.sum()), rel=1e-10)
+        assert row["rho_hat_mean"] == pytest.approx(float(rho_hat.mean()), rel=1e-12)
+    assert torch.allclose(trainer.running.rho_hat, rho_hat, rtol=1e-12, atol=0)
+    assert trainer.history[-1]["sparsity"] < trainer.history[0]["sparsity"]
+
+
+def test_jumprelu_l0_penalty_lowers_l0():
+    x = SyntheticDictionary(D, 32, 2, seed=0).sample(512, seed=1).x.double()
+    cfg = _cfg(activation="jumprelu", penalty="l0", beta=0.05, lr=1e-2, batch_size=128, steps=60, pre_bias=True,
+               jumprelu_threshold=0.05, jumprelu_bandwidth=0.1, log_every=10)
+    trainer = _trainer(x, cfg)
+    start = trainer.model.jumprelu.log_threshold.detach().clone()
+    trainer.run(progress=False)
+    l0 = [row["l0"] for row in trainer.history]
+    assert l0[-1] < 0.5 * l0[0], l0
+    assert (trainer.model.jumprelu.log_threshold.detach() > start).float().mean() > 0.5  # thresholds rose
+    assert abs(trainer.history[-1]["sparsity"] / cfg.beta - l0[-1]) < 0.5 * l0[-1]  # the penalty counts actives
+
+
+# --- what training learns ----------------------------------------------------------------------
+
+
+def test_topk_recovers_a_synthetic_dictionary():
+    truth = SyntheticDictionary(32, 128, 4, noise_std=0.0, seed=0)
+    x = truth.sample(4096, seed=1).x
+    cfg = _cfg(activation="topk", k=4, n_hidden=256, lr=2e-2, batch_size=256, steps=150, dtype="float32",
+               normalize_decoder=True, tied_init=True, log_every=50)
+    trainer = _trainer(x, cfg)
+    before = recovery_score(truth.atoms, trainer.model.W2.detach().t())
+    trainer.run(progress=False)
+    assert before < 0.5
+    assert recovery_score(truth.atoms, trainer.model.W2.detach().t()) >= 0.9
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
+def test_normalize_decoder_keeps_unit_columns(activation):
+    x = _data(100)
+    for normalize in (True, False):
+        cfg = _cfg(activation=activation, normalize_decoder=normalize, aux_k=4 if activation != "relu" else 0,
+                   dead_after=50, lr=5e-2, steps=6, penalty="l1" if activation == "relu" else "none", beta=0.01)
+        trainer = _trainer(x, cfg)
+        trainer.run(progress=False)
+        norms = trainer.model.W2.detach().norm(dim=0)
+        if normalize:
+            assert torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-12)
+        else:  # without it the columns drift: the check above can fail
+            assert (norms - 1).abs().max() > 1e-3
+
+
+def test_tied_init_starts_the_decoder_as_the_row_normalised_encoder():
+    plain = SparseAutoencoder(D, N_HIDDEN, "topk", "linear", seed=7, k=4)
+    tied = SparseAutoencoder(D, N_HIDDEN, "topk", "linear", seed=7, k=4, tied_init=True)
+    rows = plain.W1.detach() / plain.W1.detach().norm(dim=1, keepdim=True)
+    assert torch.allclose(tied.W2.detach().t(), rows, rtol=0, atol=1e-15)
+    assert torch.equal(tied.W1.detach(), tied.W2.detach().t())
+    assert torch.allclose(tied.W2.detach().norm(dim=0), torch.ones(N_HIDDEN, dtype=torch.float64), atol=1e-15)
+
+
+def _geometric_median(x):
+    """argmin_y sum_i ||x_i - y||, by SciPy's BFGS from the coordinate-wise median."""
+    a = x.numpy()
+    f = lambda y: np.linalg.norm(a - y, axis=1).sum()
+    grad = lambda y: -((a - y) / np.linalg.norm(a - y, axis=1, keepdims=True)).sum(0)
+    return torch.from_numpy(scipy.optimize.minimize(f, np.median(a, 0), jac=grad, method="BFGS", tol=1e-14).x)
+
+
+@pytest.mark.parametrize("init", ["mean", "geometric-median"])
+@pytest.mark.parametrize("scale_inputs", [False, True])
+def test_decoder_bias_init(init, scale_inputs):
+    x = _data(300, d=8, seed=2, offset=2.0)
+    x[:20] += 40.0  # outliers pull the mean far from the median
+    cfg = _cfg(activation="topk", decoder_bias_init=init, scale_inputs=scale_inputs, pre_bias=True)
+    trainer = _trainer(x, cfg)
+    scale = float(x.pow(2).sum(1).mean()) ** -0.5 if scale_inputs else 1.0
+    assert trainer.scale == pytest.approx(scale, rel=1e-12)
+    expected = x.mean(0) if init == "mean" else _geometric_median(x)
+    assert torch.allclose(trainer.model.b2.detach(), expected * scale, rtol=0, atol=1e-7 * scale)
+    assert (x.mean(0) - _geometric_median(x)).norm() > 1.0  # the two initialisations differ here
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
+def test_folded_input_scale_gives_the_training_models_output_in_raw_units(activation):
+    x = 25.0 * _data(100)
+    cfg = _cfg(activation=activation, scale_inputs=True, pre_bias=True, decoder_bias_init="mean",
+               penalty="l0" if activation == "jumprelu" else "none", beta=1e-3, jumprelu_bandwidth=0.05)
+    trainer = _trainer(x, cfg)
+    trainer.run(progress=False)
+    scale = trainer.scale
+    assert scale == pytest.approx(float(x.pow(2).sum(1).mean()) ** -0.5, rel=1e-12) and scale < 0.1
+    folded = trainer.model.fold_input_scale(scale)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trained, raw = model(scale * x), folded.eval()(x)
+        trained_h, raw_h = model.dense_codes(trained.h), folded.dense_codes(raw.h)
+    assert torch.allclose(raw.x_hat, trained.x_hat / scale, rtol=1e-12, atol=1e-12 * float(x.abs().max()))
+    assert torch.allclose(raw_h, trained_h, rtol=1e-12, atol=1e-13)
+    assert float(trained_h.count_nonzero()) > 0
+    assert not torch.equal(folded.W1, model.W1)  # folding changed the weights, not the model in training
+
+
+# --- dead units --------------------------------------------------------------------------------
+
+
+def test_a_unit_that_never_fires_is_dead_after_dead_after_examples():
+    x = _data(100)
+    cfg = _cfg(activation="topk", batch_size=25, dead_after=75, pre_bias=True)
+    model = _model(cfg)
+    with torch.no_grad():  # unit 5 can never be among the 4 largest: it gets no gradient and stays silent
+        model.W1[5] = 0.0
+        model.b1[5] = -1e3
+    trainer = _trainer(x, cfg, model=model)
+    for steps, examples in [(1, 25), (2, 50), (3, 75), (5, 125)]:
+        trainer.total_steps = steps
+        trainer.run(progress=False)
+        assert int(trainer.since_fired[5]) == examples
+        assert bool(trainer.dead()[5]) == (examples >= 75)
+    assert trainer.history[-1]["dead_fraction"] == pytest.approx(float(trainer.dead().double().mean()))
+    assert trainer.history[-1]["dead_fraction"] >= 1 / N_HIDDEN
+
+
+def test_dead_units_that_fire_again_are_revived():
+    """After a unit is dead, firing once resets its counter: the counts follow what fired, step by step."""
+    x = _data(50)
+    cfg = _cfg(activation="relu", penalty="none", batch_size=50, dead_after=100, steps=1)
+    model = _model(cfg)
+    trainer = _trainer(x, cfg, model=model)
+    trainer.since_fired.fill_(1000)
+    snapshot = _tensors(model)
+    trainer.run(progress=False)
+    fired = ((x @ snapshot["W1"].T + snapshot["b1"]) > 0).any(0)
+    assert torch.equal(trainer.since_fired, torch.where(fired, 0, 1050))
+    assert 0 < int(fired.sum()) < N_HIDDEN
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+RESUME_CASES = {
+    "batchtopk": dict(activation="batchtopk", k=3, n_hidden=48, aux_k=6, dead_after=60, normalize_decoder=True,
+                      pre_bias=True, scale_inputs=True, decoder_bias_init="mean", corruption="gaussian",
+                      corruption_level=0.1, weight_decay=1e-4, penalty="l1-decoder", beta=1e-3),
+    "sigmoid-kl": dict(activation="sigmoid", output="sigmoid", penalty="kl", beta=0.5, rho=0.1, corruption="mask",
+                       weight_decay=1e-4),
+    "jumprelu-l0": dict(activation="jumprelu", penalty="l0", beta=1e-3, pre_bias=True, jumprelu_bandwidth=0.05,
+                        optimizer="sgd", lr=0.05),
+}
+
+
+def test_trainer_state_round_trips_through_a_file(tmp_path):
+    x = _unit_interval(120)
+    cfg = _cfg(steps=3, **RESUME_CASES["sigmoid-kl"])
+    trainer = _trainer(x, cfg)
+    trainer.run(progress=False)
+    runs.save_trainer_state(tmp_path, trainer.state_dict())
+    restored = _trainer(x, cfg, state=runs.load_trainer_state(tmp_path), model=copy.deepcopy(trainer.model))
+    a, b = trainer.state_dict(), restored.state_dict()
+    assert (a["step"], a["scale"], a["stream"]) == (b["step"], b["scale"], b["stream"])
+    assert a["step"] == 3 and a["stream"]["epoch"] * 4 + a["stream"]["step"] == 3  # 120 rows: 4 batches an epoch
+    assert torch.equal(a["since_fired"], b["since_fired"]) and torch.equal(a["rho_hat"], b["rho_hat"])
+    moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert moments_a.keys() == moments_b.keys() and len(moments_a) == 4
+    for i in moments_a:
+        for key in moments_a[i]:
+            assert torch.equal(moments_a[i][key], moments_b[i][key]), (i, key)
+
+
+def _drop_timing(rows):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")} for row in rows]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
+    x = _unit_interval(110) if case == "sigmoid-kl" else _data(110, offset=1.0)  # 4 steps an epoch, 10 rows dropped
+    cfg = _cfg(steps=15, checkpoint_every=7, **RESUME_CASES[case])
+
+    straight = _trainer(x, cfg)
+    straight.run(progress=False)
+
+    first = _trainer(x, cfg)
+    # Ctrl-C arrives during the checkpoint after step 7: the loop stops at that step boundary.
+    _, interrupted = first.run(progress=False, checkpoint=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert interrupted and first.step == 7
+    runs.save_model(tmp_path, first.model, "checkpoint/model.safetensors")
+    runs.save_trainer_state(tmp_path, first.state_dict())
+    del first  # nothing in memory carries over
+
+    model = runs.load_model(tmp_path, name="checkpoint/model.safetensors")
+    second = Minibatch(model, open_vectors(x), cfg, runs.load_trainer_state(tmp_path), history=[])
+    _, interrupted = second.run(progress=False)
+    assert not interrupted and second.step == 15
+    _assert_same_tensors(_tensors(second.model), _tensors(straight.model))
+    assert torch.equal(second.since_fired, straight.since_fired)
+    assert _drop_timing(second.history) == _drop_timing(straight.history[7:])
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+CLI_TRAIN = ["train", "--data", "synthetic", "--synthetic-inputs", "16", "--synthetic-atoms", "32", "--synthetic-k", "3",
+             "--n-examples", "400", "--activation", "batchtopk", "--k", "3", "--n-hidden", "48", "--output", "linear",
+             "--penalty", "none", "--optimizer", "adam", "--lr", "0.01", "--batch-size", "50", "--log-every", "3",
+             "--checkpoint-every", "4", "--aux-k", "8", "--dead-after", "100", "--normalize-decoder", "--scale-inputs",
+             "--pre-bias", "--decoder-bias-init", "mean", "--no-progress"]
+
+
+def run_cli(argv):
+    """main(argv) as the shell would see it: the exit status, also when argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saekit: error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """A 6-step run resumed to 12 steps, and a 12-step run."""
+    root = tmp_path_factory.mktemp("minibatch-cli")
+    assert run_cli([*CLI_TRAIN, "--steps", "6", "--out", str(root / "resumed")]) == 0
+    assert json.loads((root / "resumed" / "state.json").read_text())["steps_done"] == 6
+    assert run_cli(["train", "--resume", str(root / "resumed"), "--steps", "12", "--no-progress"]) == 0
+    assert run_cli([*CLI_TRAIN, "--steps", "12", "--out", str(root / "straight")]) == 0
+    return root
+
+
+def test_cli_resume_with_more_steps_equals_an_uninterrupted_run(cli_runs):
+    for name in ("weights.safetensors", "checkpoint/model.safetensors"):
+        _assert_same_tensors(safetensors.torch.load_file(cli_runs / "resumed" / name),
+                             safetensors.torch.load_file(cli_runs / "straight" / name))
+    state = json.loads((cli_runs / "resumed" / "state.json").read_text())
+    assert state == {"steps_done": 12, "steps_total": 12, "finished": True}
+    resumed, straight = (runs.load_history(cli_runs / name) for name in ("resumed", "straight"))
+    assert [row["step"] for row in resumed] == [3, 6, 9, 12]
+    assert _drop_timing(resumed) == _drop_timing(straight)
+
+
+def test_cli_final_weights_are_the_checkpoint_folded_by_the_input_scale(cli_runs):
+    """weights.safetensors takes raw inputs: W1 * s, W2 / s, b2 / s of the checkpoint, s = E||x||^2 ^ -1/2."""
+    final = safetensors.torch.load_file(cli_runs / "straight" / "weights.safetensors")
+    trained = safetensors.torch.load_file(cli_runs / "straight" / "checkpoint" / "model.safetensors")
+    state = runs.load_trainer_state(cli_runs / "straight")
+    x = SyntheticDictionary(16, 32, 3, seed=0).sample(400).x.double()
+    s = float(x.pow(2).sum(1).mean()) ** -0.5
+    assert state["scale"] == pytest.approx(s, rel=1e-12)
+    s = state["scale"]
+    assert torch.equal(final["W1"], trained["W1"] * s) and torch.equal(final["b1"], trained["b1"])
+    assert torch.equal(final["W2"], trained["W2"] / s) and torch.equal(final["b2"], trained["b2"] / s)
+
+
+def _copy_run(cli_runs, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(cli_runs / "resumed", target)
+    return target
+
+
+@pytest.mark.parametrize("damage", ["trainer-garbage", "trainer-truncated", "trainer-missing", "model-truncated"])
+def test_damaged_checkpoint_is_a_one_line_error(cli_runs, tmp_path, capsys, damage):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    trainer, model = run_dir / "checkpoint" / "trainer.pt", run_dir / "checkpoint" / "model.safetensors"
+    if damage == "trainer-garbage":
+        trainer.write_bytes(b"not a torch file at all")
+    elif damage == "trainer-truncated":
+        trainer.write_bytes(trainer.read_bytes()[:200])
+    elif damage == "trainer-missing":
+        trainer.unlink()
+    else:
+        model.write_bytes(model.read_bytes()[:100])
+    capsys.readouterr()
+    code = run_cli(["train", "--resume", str(run_dir), "--steps", "14", "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "model.safetensors" if damage.startswith("model") else "trainer.pt")
+
+
+def _rewrite_architecture(path, **changes):
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    arch = json.loads(metadata["architecture"])
+    arch.update(changes)
+    safetensors.torch.save_file(tensors, path, metadata={**metadata, "architecture": json.dumps(arch)})
+
+
+@pytest.mark.parametrize("changes", [dict(n_hidden=47), dict(n_inputs=17), dict(activation="topk", k=500),
+                                     dict(activation="gelu"), dict(colour="blue")])
+def test_weights_with_a_wrong_architecture_are_a_user_error(cli_runs, tmp_path, capsys, changes):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    _rewrite_architecture(run_dir / "weights.safetensors", **changes)
+    with pytest.raises(UserError):
+        runs.load_model(run_dir)
+    np.save(tmp_path / "x.npy", np.zeros((5, 16)))
+    capsys.readouterr()
+    code = run_cli(["eval", str(run_dir), "--data", str(tmp_path / "x.npy")])
+    assert_one_line_error(code, capsys.readouterr().err, "weights.safetensors")
+
+
+def test_cli_eval_prints_and_writes_metrics_computed_from_the_weights(cli_runs, tmp_path, capsys):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    x = _data(37, seed=9)
+    np.save(tmp_path / "x.npy", x.numpy())
+    capsys.readouterr()
+    assert run_cli(["eval", str(run_dir), "--data", str(tmp_path / "x.npy")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert (run_dir / "eval_density.png").stat().st_size > 0
+    assert "fvu" in out and "eval.json" in out
+    # Our own inference: BatchTopK is a ReLU above its threshold in inference.
+    t = safetensors.torch.load_file(run_dir / "weights.safetensors")
+    z2 = (x - t["b2"]) @ t["W1"].T + t["b1"]
+    h = z2 * (z2 > t["batch_topk.threshold"].clamp_min(0).double())
+    error = h @ t["W2"].T + t["b2"] - x
+    density = (h > 0).double().mean(0)
+    assert metrics["n_examples"] == 37
+    assert metrics["mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-9)
+    assert metrics["fvu"] == pytest.approx(float(error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-9)
+    assert metrics["l0"] == pytest.approx(float((h > 0).sum(1).double().mean()), rel=1e-12)
+    assert metrics["dead_fraction"] == pytest.approx(float((density == 0).double().mean()))
+    assert metrics["density_median"] == pytest.approx(float(density.median()))
+    assert metrics["decoder_norm_max"] == pytest.approx(float(t["W2"].norm(dim=0).max()), rel=1e-12)
+    assert f"{metrics['fvu']:.6g}" in out
+
+
+def test_cli_eval_of_vectors_of_the_wrong_width(cli_runs, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((5, 17)))
+    capsys.readouterr()
+    code = run_cli(["eval", str(cli_runs / "straight"), "--data", str(tmp_path / "x.npy")])
+    assert_one_line_error(code, capsys.readouterr().err, "17", "16")
+
+
+# --- evaluate_stream ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu", "sigmoid"])
+def test_evaluate_stream_against_a_direct_computation(activation):
+    x = _data(30, seed=3)
+    model = SparseAutoencoder(D, 20, activation, "linear", seed=1, k=3, pre_bias=True)
+    with torch.no_grad():
+        model.b2.copy_(0.2 * x[0])
+        model.b1.fill_(-0.1)
+        model.b1[:4] = -50.0  # four units never fire
+        model.W2.mul_(torch.linspace(0.5, 2.0, 20, dtype=torch.float64))  # unequal decoder norms
+        if activation == "batchtopk":
+            model.batch_topk.threshold.fill_(0.25)
+        if activation == "jumprelu":
+            model.jumprelu.log_threshold.fill_(np.log(0.15))
+    metrics, density = evaluate_stream(model, open_vectors(x), batch_size=7)
+
+    W1, b1, W2, b2 = (p.detach() for p in (model.W1, model.b1, model.W2, model.b2))
+    z2 = (x - b2) @ W1.T + b1
+    h = {"topk": z2.relu() * _topk_mask(z2, 3), "batchtopk": z2 * (z2 > 0.25), "jumprelu": z2 * (z2 > 0.15),
+         "relu": z2.relu(), "sigmoid": torch.sigmoid(z2)}[activation]
+    error = h @ W2.T + b2 - x
+    fired = h if activation == "sigmoid" else (h > 0).double()  # a sigmoid unit's density is its mean activation
+    assert metrics["n_examples"] == 30
+    assert metrics["mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-10)
+    assert metrics["fvu"] == pytest.approx(float(error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-10)
+    assert metrics["l0"] == pytest.approx(float((h > 0).sum(1).double().mean()), rel=1e-12)
+    assert torch.allclose(density, fired.mean(0), rtol=1e-12, atol=1e-15)
+    assert metrics["dead_fraction"] == pytest.approx(float((fired.mean(0) == 0).double().mean()))
+    if activation != "sigmoid":
+        assert metrics["dead_fraction"] >= 4 / 20
+    norms = W2.norm(dim=0)
+    assert (metrics["decoder_norm_min"], metrics["decoder_norm_mean"], metrics["decoder_norm_max"]) == pytest.approx(
+        (float(norms.min()), float(norms.mean()), float(norms.max())), rel=1e-12)
+    partial, _ = evaluate_stream(model, open_vectors(x), batch_size=4, max_rows=10)
+    assert partial["n_examples"] == 10
+    assert partial["mse"] == pytest.approx(float(error[:10].pow(2).mean()), rel=1e-10)
