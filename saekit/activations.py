@@ -41,8 +41,13 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W1, bias, k, select, dead, aux_k):
-        z2 = blas.matmul(x, W1.t(), torch.empty(x.shape[0], W1.shape[0], dtype=x.dtype, device=x.device))
-        z2.add_(bias)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the one dense product in low precision, the rest in x's dtype
+            low = torch.get_autocast_dtype(device)
+            z2 = torch.addmm(bias.to(low), x.to(low), W1.t().to(low)).to(x.dtype)
+        else:
+            z2 = blas.matmul(x, W1.t(), torch.empty(x.shape[0], W1.shape[0], dtype=x.dtype, device=x.device))
+            z2.add_(bias)
         values, indices = select(z2) if select is not None else z2.topk(k, dim=1, sorted=False)
         values = values.relu()
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)

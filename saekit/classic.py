@@ -13,8 +13,8 @@ denoising autoencoder). Back-propagation with UFLDL's modified delta2:
 
 Why this is fast: one evaluation is five matrix products (2 m n_in n_hidden FLOP each), and
 everything else is element-wise work on (m, n_inputs) arrays, which is memory-bound. So
-- the matrix products run in OpenBLAS through NumPy views of the tensors on the CPU (on this
-  kind of machine it is well ahead of PyTorch's MKL);
+- the matrix products run in OpenBLAS through NumPy views of the tensors on the CPU
+  (`saekit.blas`: on this kind of machine it is well ahead of PyTorch's MKL);
 - b2 rides inside a product: a2 carries a column of ones and W2^T a row b2, so
   [a2 1] [W2^T; b2] = a2 W2^T + b2 with no pass over the (m, n_inputs) result, and
   [a2 1]^T delta3 gives dJ/dW2 and m dJ/db2 in one product;
@@ -31,9 +31,9 @@ On a GPU everything stays in torch.
 from contextlib import contextmanager
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
+from .blas import matmul
 from .penalties import kl_derivative, kl_divergence, weight_decay
 
 BLOCK_BYTES = 1 << 19  # rows of the output layer per element-wise block: about 512 KB per array, well inside L2
@@ -46,15 +46,6 @@ class ClassicCost(NamedTuple):
     sparsity: float  # beta sum_j KL(rho || rho_hat_j)
     rho_hat: torch.Tensor  # (n_hidden,) mean activation of each hidden unit
     grads: tuple  # dJ/dW1 (n_hidden, n_in), dJ/db1, dJ/dW2 (n_in, n_hidden), dJ/db2
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = a @ b, in OpenBLAS on the CPU (zero-copy NumPy views), in torch elsewhere."""
-    if out.device.type == "cpu":
-        np.matmul(a.numpy(), b.numpy(), out=out.numpy())
-    else:
-        torch.matmul(a, b, out=out)
-    return out
 
 
 @contextmanager
@@ -77,6 +68,7 @@ class Workspace:
         self.key = (m, n_inputs, n_hidden, dtype, device)
         self.a2_1 = torch.empty(m, n_hidden + 1, **kw)  # [a2 1]: hidden activations and a column of ones
         self.a2_1[:, n_hidden] = 1
+        self.a2 = self.a2_1[:, :n_hidden]  # (m, n_hidden) hidden activations, a view
         self.W2_b2 = torch.empty(n_hidden + 1, n_inputs, **kw)  # [W2^T; b2]
         self.delta3 = torch.empty(m, n_inputs, **kw)  # z3 = a2 W2^T + b2 first, overwritten by delta3
         self.delta2 = torch.empty(m, n_hidden, **kw)
@@ -126,28 +118,28 @@ def cost_and_grad(
     y = x if target is None else target
     m, n_hidden = x.shape[0], W1.shape[0]
     ws = Workspace.get(workspace, x, n_hidden)
-    a2, d2, d3 = ws.a2_1[:, :n_hidden], ws.delta2, ws.delta3
+    a2, d2, d3 = ws.a2, ws.delta2, ws.delta3
 
     with _one_torch_thread(x.device):
         # Forward pass over all m examples first: delta2 needs rho_hat, a mean over the whole set.
-        _matmul(x, W1.t(), a2).add_(b1)
+        matmul(x, W1.t(), a2).add_(b1)
         torch.sigmoid(a2, out=a2)
-        rho_hat = _matmul(ws.ones, a2, torch.empty_like(b1)).div_(m)
+        rho_hat = matmul(ws.ones, a2, torch.empty_like(b1)).div_(m)
         ws.W2_b2[:n_hidden].copy_(W2.t())
         ws.W2_b2[n_hidden].copy_(b2)
-        _matmul(ws.a2_1, ws.W2_b2, d3)  # z3 = a2 W2^T + b2
+        matmul(ws.a2_1, ws.W2_b2, d3)  # z3 = a2 W2^T + b2
 
         squared_error = _output_deltas(d3, y, ws)
 
         # Hidden layer: delta3 W2 plus UFLDL's sparsity term, times a2 * (1 - a2).
-        _matmul(d3, W2, d2).add_(kl_derivative(rho, rho_hat), alpha=beta)
+        matmul(d3, W2, d2).add_(kl_derivative(rho, rho_hat), alpha=beta)
         torch.ops.aten.sigmoid_backward.grad_input(d2, a2, grad_input=d2)
 
-        grad_W2_b2 = _matmul(ws.a2_1.t(), d3, ws.grad_W2_b2).div_(m)
+        grad_W2_b2 = matmul(ws.a2_1.t(), d3, ws.grad_W2_b2).div_(m)
         grad_W2 = grad_W2_b2[:n_hidden].add_(W2.t(), alpha=lambda_).t()
         grad_b2 = grad_W2_b2[n_hidden]
-        grad_W1 = _matmul(d2.t(), x, ws.grad_W1).div_(m).add_(W1, alpha=lambda_)
-        grad_b1 = _matmul(ws.ones, d2, torch.empty_like(b1)).div_(m)
+        grad_W1 = matmul(d2.t(), x, ws.grad_W1).div_(m).add_(W1, alpha=lambda_)
+        grad_b1 = matmul(ws.ones, d2, torch.empty_like(b1)).div_(m)
 
     reconstruction = 0.5 * squared_error / m
     decay = float(weight_decay(lambda_, W1, W2))
