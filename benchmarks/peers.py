@@ -59,7 +59,8 @@ JSON (--json OUT.json): {"config": {"data", "n_rows", "d", "heldout", "width", "
 "name", "version" (package version, or null), "samples_per_s" and "fvu" (floats, or null
 where it failed), "steps" (optimizer steps run), "notes" (optimizer, lr, deviations from the
 defaults, or why it failed, and a warning where the machine was busy), plus
-"samples_per_s_mean", "timed_steps" and "seconds" (the timing window) and "load_avg" (the
+"samples_per_s_mean", "samples_per_cpu_s" (batch / the median process CPU seconds of a
+step, all threads), "timed_steps" and "seconds" (the timing window) and "load_avg" (the
 1-minute load average before and after the peer ran).
 """
 
@@ -135,25 +136,29 @@ class StepClock:
     """Times the end of every optimizer step of any torch optimizer in this process."""
 
     def __init__(self):
-        self.ends = []
-        self.handle = register_optimizer_step_post_hook(
-            lambda *_: self.ends.append(time.perf_counter())
-        )
+        self.wall, self.cpu = [], []
+        self.handle = register_optimizer_step_post_hook(lambda *_: self.mark())
+
+    def mark(self):
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())  # all of this process's threads
 
     def result(self, batch):
         """Throughput over the steps after the first (a warm-up): a dict of JSON fields.
 
         The machine may be shared: the median step time is the figure least moved by other
-        processes' bursts, so samples_per_s uses it; the mean over the window is kept beside it.
+        processes' bursts, so samples_per_s uses it; the mean over the window is kept beside
+        it. CPU time is what the step cost this process whatever else ran: samples_per_cpu_s
+        compares trainers' work even where the load moved between their runs.
         """
         self.handle.remove()
-        step_seconds = np.diff(self.ends)
-        seconds = self.ends[-1] - self.ends[0]
+        step_seconds = np.diff(self.wall)
         return {
             "samples_per_s": batch / float(np.median(step_seconds)),
-            "samples_per_s_mean": len(step_seconds) * batch / seconds,
+            "samples_per_s_mean": len(step_seconds) * batch / float(step_seconds.sum()),
+            "samples_per_cpu_s": batch / float(np.median(np.diff(self.cpu))),
             "timed_steps": len(step_seconds),
-            "seconds": seconds,
+            "seconds": float(step_seconds.sum()),
         }
 
 
@@ -367,6 +372,7 @@ def run_child(name, args):
         return {
             "name": name, "version": package_version(name), "samples_per_s": None, "fvu": None,
             "steps": 0, "notes": f"failed ({rc}): {last[0]}", "samples_per_s_mean": None,
+            "samples_per_cpu_s": None,
             "timed_steps": 0, "seconds": None, "load_avg": None,
         }
 
@@ -392,11 +398,12 @@ def print_table(rows):
     def number(value, form):
         return "-" if value is None else format(value, form)
 
-    print(f"{'trainer':<22}{'version':<10}{'samples/s':>11}{'(mean)':>9}{'FVU':>9}  notes")
+    print(f"{'trainer':<22}{'version':<10}{'samples/s':>11}{'(mean)':>9}{'/cpu-s':>9}{'FVU':>9}  notes")
     for r in rows:
         print(
             f"{r['name']:<22}{r['version'] or '':<10}{number(r['samples_per_s'], ',.0f'):>11}"
-            f"{number(r['samples_per_s_mean'], ',.0f'):>9}{number(r['fvu'], '.4f'):>9}  {r['notes']}"
+            f"{number(r['samples_per_s_mean'], ',.0f'):>9}{number(r['samples_per_cpu_s'], ',.0f'):>9}"
+            f"{number(r['fvu'], '.4f'):>9}  {r['notes']}"
         )
 
 

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import UserError
-from .runs import atomic_write, write_json
+from .files import atomic_write
+from .runs import write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DOCUMENTS = ("line", "file")

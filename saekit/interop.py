@@ -44,6 +44,7 @@ import torch
 from . import __version__, runs
 from .config import TrainConfig
 from .errors import UserError
+from .files import atomic_write
 from .model import SparseAutoencoder
 
 CFG_NAME = "cfg.json"
@@ -97,8 +98,8 @@ def export_saelens(model: SparseAutoencoder, folder, overwrite: bool = False, **
         cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode()
     except TypeError as e:
         raise UserError(f"the metadata given for cfg.json cannot be written as JSON ({e}).") from None
-    runs.atomic_write(folder / WEIGHTS_NAME, safetensors.torch.save(saelens_tensors(model)))
-    runs.atomic_write(folder / CFG_NAME, cfg_bytes)  # last: a folder with cfg.json is complete
+    atomic_write(folder / WEIGHTS_NAME, safetensors.torch.save(saelens_tensors(model)))
+    atomic_write(folder / CFG_NAME, cfg_bytes)  # last: a folder with cfg.json is complete
     return folder
 
 

@@ -11,15 +11,15 @@ pixels; `save_png` writes one atomically. The `save_*` wrappers for the grey gri
 `upscale` them, since an 8x8 patch is too small to see at one screen pixel per value.
 """
 
+import io
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from saekit.errors import UserError
+from saekit.files import atomic_write
 
 # ----------------------------------------------------------------------------------------
 # Grey grids of tiles
@@ -560,17 +560,9 @@ def save_png(img, path) -> Path:
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist; "
                         f"create it or choose another path")
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        # os.open rather than tempfile: tempfile makes 0600 files, and pictures are for sharing.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            Image.fromarray(img).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, format="PNG")
+    return atomic_write(path, buffer.getvalue())
 
 
 def save_filters(W, path, min_size=512, **kw) -> Path:

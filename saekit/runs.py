@@ -15,10 +15,8 @@ never leaves a half-written file behind.
 import csv
 import io
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,24 +29,10 @@ import torch
 from . import __version__
 from .config import TrainConfig, read_config_file
 from .errors import UserError
+from .files import atomic_write
 from .model import SparseAutoencoder
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def atomic_write(path, data: bytes) -> Path:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(path, obj) -> Path:

@@ -88,8 +88,12 @@ def _reference(params, x, cfg, dead=None):
         h = torch.sigmoid(z2)
     elif cfg.activation == "relu":
         h = z2.relu()
-    else:  # topk
+    elif cfg.activation == "topk":
         h = z2.relu() * _topk_mask(z2.detach(), cfg.k)
+    else:  # batchtopk: the k * batch largest of the batch
+        flat = torch.zeros(z2.numel(), dtype=torch.bool)
+        flat[z2.detach().reshape(-1).topk(cfg.k * z2.shape[0]).indices] = True
+        h = z2.relu() * flat.view_as(z2)
     x_hat = h @ W2.T + b2
     x_hat = torch.sigmoid(x_hat) if cfg.output == "sigmoid" else x_hat
     error = x_hat - x
@@ -119,7 +123,12 @@ STEP_CASES = {
     "topk-l1-decoder": dict(activation="topk", penalty="l1-decoder", beta=0.05, pre_bias=True),
     "topk-auxk": dict(activation="topk", aux_k=5, aux_coefficient=0.5, pre_bias=True, dead_after=1000),
     "sigmoid-kl": dict(activation="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.1, weight_decay=1e-3),
+    "batchtopk-normalized": dict(activation="batchtopk", normalize_decoder=True, weight_decay=1e-3),
 }
+
+
+def _unit_columns(W):
+    return W / W.norm(dim=0, keepdim=True)
 
 
 @pytest.mark.parametrize("case", STEP_CASES)
@@ -137,12 +146,19 @@ def test_one_sgd_step_follows_dense_autograd_of_the_loss(case):
         trainer.since_fired[dead] = cfg.dead_after  # these 16 units have not fired for dead_after examples
     params = [p.detach().clone().requires_grad_() for p in (trainer.model.W1, trainer.model.b1,
                                                             trainer.model.W2, trainer.model.b2)]
+    if cfg.normalize_decoder:  # training starts from unit decoder columns
+        params[2] = _unit_columns(params[2].detach()).requires_grad_()
     loss, terms, error, h = _reference(params, x, cfg, dead)
     grads = torch.autograd.grad(loss, params)
+    expected = [p.detach() - cfg.lr * g for p, g in zip(params, grads)]
+    if cfg.normalize_decoder:  # a step along the unit sphere: the gradient's part along each column is removed
+        W, G = params[2].detach(), grads[2]
+        expected[2] = _unit_columns(W - cfg.lr * (G - (G * W).sum(0) * W))
+        assert (expected[2] - _unit_columns(W - cfg.lr * G)).abs().max() > 1e-6  # which makes a difference
     trainer.run(progress=False)
-    for name, p, p0, g in zip(("W1", "b1", "W2", "b2"), (trainer.model.W1, trainer.model.b1, trainer.model.W2,
-                                                         trainer.model.b2), params, grads):
-        assert torch.allclose(p.detach(), p0.detach() - cfg.lr * g, rtol=0, atol=1e-12), name
+    for name, p, e in zip(("W1", "b1", "W2", "b2"), (trainer.model.W1, trainer.model.b1, trainer.model.W2,
+                                                     trainer.model.b2), expected):
+        assert torch.allclose(p.detach(), e, rtol=0, atol=1e-12), name
     (row,) = trainer.history
     for name, value in terms.items():
         assert row[name] == pytest.approx(value, rel=1e-10, abs=1e-14), name
