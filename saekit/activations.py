@@ -37,6 +37,7 @@ class _SparseEncode(torch.autograd.Function):
 
     which is the weight gradient of an embedding bag (F.embedding_bag with per-sample weights g,
     fed x as its output gradient): batch * k * n_inputs work instead of batch * n_hidden * n_inputs.
+    The input's gradient, when asked for, is that bag's forward: sum_j g[b, j] W1[indices[b, j]].
     """
 
     @staticmethod
@@ -69,7 +70,9 @@ class _SparseEncode(torch.autograd.Function):
             W = W1.detach().requires_grad_()
             bag = F.embedding_bag(indices, W, per_sample_weights=g, mode="sum")
             (grad_W1,) = torch.autograd.grad(bag, W, grad_outputs=x)
-        return None, grad_W1, grad_bias, None, None, None, None
+        # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: the same bag, forward (needed only for attribution).
+        grad_x = F.embedding_bag(indices, W1, per_sample_weights=g, mode="sum") if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W1, grad_bias, None, None, None, None
 
 
 def sparse_encode(x, W1, bias, k: int, select=None, dead=None, aux_k: int = 0):
@@ -86,10 +89,10 @@ class BatchTopK(nn.Module):
     process's candidates, so 2 processes select exactly what 1 process would on their union.
     """
 
-    def __init__(self, k: int, momentum: float = 0.99):
+    def __init__(self, k: int, momentum: float = 0.99, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.k, self.momentum = k, momentum
-        self.register_buffer("threshold", torch.tensor(-1.0))  # -1: not estimated yet
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=dtype))  # -1: not estimated yet
 
     def _batch_threshold(self, candidates: torch.Tensor, n_keep: int) -> torch.Tensor:
         flat = distributed.all_gather_cat(candidates.reshape(-1))
@@ -114,7 +117,7 @@ class BatchTopK(nn.Module):
                 break
             width = min(2 * width, n_hidden)
         keep = (values >= threshold) & (values > 0)
-        used = int(distributed.max_int(int(keep.sum(1).max())))
+        used = distributed.max_int(max(1, int(keep.sum(1).max())))  # at least one (zero) code per row
         values, indices, keep = values[:, :used], indices[:, :used], keep[:, :used]
         with torch.no_grad():
             smallest = threshold.clamp_min(0).to(self.threshold.dtype)

@@ -75,8 +75,11 @@ class Workspace:
         self.block_rows = max(1, BLOCK_BYTES // (n_inputs * self.delta3.element_size()))
         self.error = torch.empty(min(m, self.block_rows), n_inputs, **kw)  # x_hat - y of one block
         self.ones = torch.ones(m, **kw)
+        self.d3T_a2_1 = torch.empty(n_inputs, n_hidden + 1, **kw)  # delta3^T [a2 1] = [delta3^T a2, sum_i delta3]
+        self.xT_d2 = torch.empty(n_inputs, n_hidden, **kw)  # x^T delta2
         self.grad_W1 = torch.empty(n_hidden, n_inputs, **kw)
-        self.grad_W2_b2 = torch.empty(n_hidden + 1, n_inputs, **kw)  # [dJ/dW2^T; dJ/db2], W2^T stored like the model's
+        self.grad_W2_t = torch.empty(n_hidden, n_inputs, **kw)  # stored like the model's W2
+        self.grad_b2 = torch.empty(n_inputs, **kw)
 
     @classmethod
     def get(cls, ws: "Workspace | None", x: torch.Tensor, n_hidden: int) -> "Workspace":
@@ -135,10 +138,12 @@ def cost_and_grad(
         matmul(d3, W2, d2).add_(kl_derivative(rho, rho_hat), alpha=beta)
         torch.ops.aten.sigmoid_backward.grad_input(d2, a2, grad_input=d2)
 
-        grad_W2_b2 = matmul(ws.a2_1.t(), d3, ws.grad_W2_b2).div_(m)
-        grad_W2 = grad_W2_b2[:n_hidden].add_(W2.t(), alpha=lambda_).t()
-        grad_b2 = grad_W2_b2[n_hidden]
-        grad_W1 = matmul(d2.t(), x, ws.grad_W1).div_(m).add_(W1, alpha=lambda_)
+        # Weight gradients as (n_inputs, .) products, then written in the parameters' own layout.
+        matmul(d3.t(), ws.a2_1, ws.d3T_a2_1)
+        grad_W2 = torch.mul(W2, lambda_, out=ws.grad_W2_t.t()).add_(ws.d3T_a2_1[:, :n_hidden], alpha=1 / m)
+        grad_b2 = torch.div(ws.d3T_a2_1[:, n_hidden], m, out=ws.grad_b2)
+        matmul(x.t(), d2, ws.xT_d2)
+        grad_W1 = torch.mul(W1, lambda_, out=ws.grad_W1).add_(ws.xT_d2.t(), alpha=1 / m)
         grad_b1 = matmul(ws.ones, d2, torch.empty_like(b1)).div_(m)
 
     reconstruction = 0.5 * squared_error / m

@@ -161,7 +161,7 @@ def _config(args) -> tuple[TrainConfig, Path | None]:
         return build_config(args.preset, args.config, _overrides(args)), None
     run_dir = Path(args.resume)
     overrides = _overrides(args)
-    allowed = {"max_iter", "epochs", "steps"}
+    allowed = {"max_iter", "epochs", "steps", "batch_size"}  # batch_size: another process count, same global batch
     if set(overrides) - allowed:
         raise UserError(f"--resume continues a run with its own settings; only {sorted(allowed)} may change.")
     return dataclasses.replace(runs.load_config(run_dir), **overrides), run_dir

@@ -78,7 +78,7 @@ class SparseAutoencoder(nn.Module):
         self.W2 = nn.Parameter(torch.empty(n_hidden, n_inputs, **kw).t())
         self.b2 = nn.Parameter(torch.zeros(n_inputs, **kw))
         if activation == "batchtopk":
-            self.batch_topk = BatchTopK(k)
+            self.batch_topk = BatchTopK(k, dtype=dtype)
         if activation == "jumprelu":
             self.jumprelu = JumpReLU(n_hidden, jumprelu_threshold, jumprelu_bandwidth, **kw)
         self.reset_parameters(seed, tied_init)

@@ -263,7 +263,10 @@ class Minibatch:
         else:
             fired = active.any(0)
         sums = torch.stack([reconstruction + sparsity + aux + decay, reconstruction, sparsity, aux, decay]).detach() * y.shape[0]
-        sums = torch.cat([sums, torch.stack([error.pow(2).sum(), (y - y.mean(0)).pow(2).sum(), active.sum()]).detach().to(sums.dtype)])
+        # The variance for the FVU is about the global batch's mean, so it does not depend on the process count.
+        total = distributed.all_reduce_sum(torch.cat([y.sum(0), y.new_tensor([y.shape[0]])]))
+        variance = (y - total[:-1] / total[-1]).pow(2).sum()
+        sums = torch.cat([sums, torch.stack([error.pow(2).sum(), variance, active.sum()]).detach().to(sums.dtype)])
         return loss, sums, fired
 
     @torch.no_grad()
@@ -296,8 +299,10 @@ class Minibatch:
             try:
                 while self.step < self.total_steps and not stop.requested:
                     y = next(batches).to(model.W1.device) * self.scale
-                    generator.manual_seed(cfg.seed * 1_000_003 + self.step * world + distributed.rank())
-                    x_in = corrupt(y, cfg.corruption, cfg.corruption_level, generator)
+                    # The corruption of the whole global batch is drawn from (seed, step), and each
+                    # process takes its rows: N processes corrupt exactly as one does.
+                    generator.manual_seed(cfg.seed * 1_000_003 + self.step)
+                    x_in = corrupt(y, cfg.corruption, cfg.corruption_level, generator, distributed.rank(), world)
                     loss, sums, fired = self._loss(x_in, y)
                     self.optimizer.zero_grad(set_to_none=False)
                     loss.backward()

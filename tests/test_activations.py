@@ -138,7 +138,7 @@ def _distinct_scores(batch, n_hidden, seed=0):
 
 
 def _kept(values, indices):
-    """Dense (batch, n_hidden) mask and values of BatchTopK's training output."""
+    """(batch, 64) bool: the codes BatchTopK kept (its training output, scattered)."""
     return _dense(values, indices, 64) != 0
 
 
@@ -273,3 +273,27 @@ def test_jumprelu_model_forward_with_pre_bias():
     expected = z2 * (z2 > model.jumprelu.log_threshold.exp())
     assert torch.allclose(out.h, expected, rtol=0, atol=1e-12)
     assert torch.allclose(out.z2, z2, rtol=0, atol=1e-12)
+
+
+# --- known bugs --------------------------------------------------------------------------------
+
+
+def test_batch_topk_training_on_a_batch_with_no_positive_pre_activation():
+    model = SparseAutoencoder(D, N_HIDDEN, "batchtopk", "linear", seed=0, k=K)  # b1 = b2 = 0: z2 = 0 for x = 0
+    out = model(torch.zeros(BATCH, D, dtype=torch.float64))
+    assert torch.equal(out.x_hat, model.b2.detach().expand(BATCH, D))
+    out.x_hat.sum().backward()
+    assert torch.equal(model.W1.grad, torch.zeros_like(model.W1))
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_k_sparse_encoder_passes_the_gradient_to_the_input(activation):
+    model, x = _model(activation, True), _x().requires_grad_()
+    c, _ = _loss_weights()
+    (c * model(x).x_hat).sum().backward()
+    W1, b1, W2, b2 = params = _params(model)
+    x_ref = x.detach().clone().requires_grad_()
+    z2 = _reference_z2(params, x_ref, True)
+    mask = _topk_mask(z2.detach(), K) if activation == "topk" else _batch_topk_mask(z2.detach(), K)
+    (c * ((z2.relu() * mask) @ W2.T + b2)).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)

@@ -131,9 +131,6 @@ def test_two_processes_log_the_same_costs_as_one(batchtopk_runs, sigmoid_kl_runs
                 assert a[key] == pytest.approx(b[key], rel=1e-10, abs=1e-14), key
 
 
-@pytest.mark.xfail(reason="BUG: Minibatch._loss sums (y - y.mean(0))^2 with each process's own batch mean, so the "
-                   "logged fvu's denominator is a sum of half-batch variances and grows with the number of processes",
-                   strict=True)
 def test_two_processes_log_the_same_fvu_as_one(batchtopk_runs):
     one, two = _history_without_timing(batchtopk_runs / "one"), _history_without_timing(batchtopk_runs / "two")
     for a, b in zip(one, two):

@@ -14,7 +14,6 @@ import pytest
 import safetensors.torch
 import scipy.optimize
 import torch
-import torch.nn.functional as F
 
 from saekit import runs
 from saekit.cli import main
@@ -285,10 +284,11 @@ def test_decoder_bias_init(init, scale_inputs):
     assert (x.mean(0) - _geometric_median(x)).norm() > 1.0  # the two initialisations differ here
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
-def test_folded_input_scale_gives_the_training_models_output_in_raw_units(activation):
+@pytest.mark.parametrize("activation, pre_bias", [("topk", True), ("topk", False), ("batchtopk", True),
+                                                  ("jumprelu", True)])
+def test_folded_input_scale_gives_the_training_models_output_in_raw_units(activation, pre_bias):
     x = 25.0 * _data(100)
-    cfg = _cfg(activation=activation, scale_inputs=True, pre_bias=True, decoder_bias_init="mean",
+    cfg = _cfg(activation=activation, scale_inputs=True, pre_bias=pre_bias, decoder_bias_init="mean",
                penalty="l0" if activation == "jumprelu" else "none", beta=1e-3, jumprelu_bandwidth=0.05)
     trainer = _trainer(x, cfg)
     trainer.run(progress=False)

@@ -76,12 +76,18 @@ def load_test_data(cfg: TrainConfig) -> Dataset:
     return _to_dataset(*_digit_images(cfg, "test", None), cfg)
 
 
-def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator) -> torch.Tensor:
+def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator, part: int = 0, parts: int = 1) -> torch.Tensor:
     """A denoising autoencoder's input: x with a fraction `level` of values zeroed ('mask'),
-    or with Gaussian noise of standard deviation `level` added ('gaussian'). x is (batch, n_inputs)."""
+    or with Gaussian noise of standard deviation `level` added ('gaussian'). x is (batch, n_inputs).
+
+    With parts > 1, x is part `part` of a batch of parts * batch rows: the noise is drawn for the
+    whole batch and this part's rows are used, so the split does not change the corruption.
+    """
+    if kind == "none":
+        return x
+    rows = slice(part * x.shape[0], (part + 1) * x.shape[0])
+    shape = (parts * x.shape[0], x.shape[1])
     if kind == "mask":
-        keep = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) >= level
+        keep = torch.rand(shape, generator=generator, dtype=x.dtype)[rows].to(x.device) >= level
         return x * keep
-    if kind == "gaussian":
-        return x + level * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return x
+    return x + level * torch.randn(shape, generator=generator, dtype=x.dtype)[rows].to(x.device)
