@@ -5,8 +5,19 @@ gradient, no clamping), so tests can compare saekit's numbers with it and differ
 autograd. It is the yardstick; nothing in it comes from saekit.
 """
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def find_mnist_dir() -> Path:
+    """The folder holding mnist/ (SAEKIT_DATA_DIR, or ../shared/data beside the repository); skips the test otherwise."""
+    for candidate in (os.environ.get("SAEKIT_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
+            return Path(candidate)
+    pytest.skip("real MNIST files not found (set SAEKIT_DATA_DIR or provide ../shared/data)")
 
 
 def reference_terms(W1, b1, W2, b2, x, lambda_, rho, beta, target=None):

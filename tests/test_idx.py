@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import find_mnist_dir
 
 from saekit.data import idx
 from saekit.errors import UserError
@@ -357,12 +358,7 @@ def test_download_into_unwritable_place(tmp_path, mirrors, monkeypatch):
 # ---------------------------------------------------------------- the real files
 
 
-def real_data_dir() -> Path:
-    for candidate in (os.environ.get("SAEKIT_DATA_DIR"),
-                      Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if candidate and (Path(candidate) / "mnist" / TEST_LABELS).is_file():
-            return Path(candidate)
-    pytest.skip("real MNIST files not found (set SAEKIT_DATA_DIR or provide ../shared/data)")
+real_data_dir = find_mnist_dir
 
 
 # From the data README, not from the files.

@@ -1,0 +1,64 @@
+"""The classification stage of a run (--classify, --stack) and `saekit classify`, on real MNIST."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import find_mnist_dir
+
+from saekit.cli import main
+from saekit.runs import load_model
+
+# From the data README: training images of each digit 0-4.
+TRAIN_COUNTS_0_TO_4 = [5923, 6742, 5958, 6131, 5842]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    data_dir = find_mnist_dir()
+    run = tmp_path_factory.mktemp("runs") / "mnist"
+    code = main(["train", "--preset", "ufldl-mnist", "--data-dir", str(data_dir), "--n-examples", "300",
+                 "--n-hidden", "16", "--max-iter", "5", "--stack", "8", "--classify", "fine-tune",
+                 "--softmax-max-iter", "10", "--finetune-max-iter", "3", "--out", str(run), "--no-progress"])
+    assert code == 0
+    return run, data_dir
+
+
+def check_result(result: dict, n_test: int):
+    cm = np.array(result["confusion_matrix"])
+    assert cm.sum() == result["n_examples"] == n_test
+    assert result["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    recall = np.diag(cm) / cm.sum(1)
+    assert list(result["per_class_accuracy"].values()) == pytest.approx(recall.tolist())
+
+
+def test_train_with_stack_and_fine_tuning_writes_results(trained_run):
+    run, _ = trained_run
+    layer2 = load_model(run, name="layer2.safetensors")
+    assert (layer2.n_inputs, layer2.n_hidden) == (16, 8)
+    result = json.loads((run / "classification.json").read_text())
+    check_result(result["softmax"], 10000)
+    check_result(result["fine_tuned"], 10000)
+    assert result["accuracy"] == result["fine_tuned"]["accuracy"]
+    assert result["accuracy_before_fine_tuning"] == result["softmax"]["accuracy"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["accuracy"] == result["accuracy"]
+    assert (run / "confusion.png").is_file() and (run / "confusion_fine_tuned.png").is_file()
+
+
+def test_classify_self_taught_protocol(trained_run, capsys):
+    run, _ = trained_run
+    assert main(["classify", str(run), "--protocol", "self-taught", "--softmax-max-iter", "5", "--no-progress"]) == 0
+    result = json.loads((run / "classification.json").read_text())
+    n_labelled = sum(TRAIN_COUNTS_0_TO_4)
+    n_test = n_labelled - (n_labelled + 1) // 2  # the second half of the labelled digits
+    check_result(result["features"], n_test)
+    check_result(result["raw_pixels"], n_test)
+    assert set(result["features"]["per_class_accuracy"]) == {"0", "1", "2", "3", "4"}
+    assert "accuracy_raw_pixels" in capsys.readouterr().out
+
+
+def test_classify_needs_labelled_data(tmp_path, capsys):
+    code = main(["train", "--classify", "softmax", "--max-iter", "2", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == 2
+    assert "--classify needs labelled data" in capsys.readouterr().err
