@@ -175,8 +175,9 @@ def fvu(reconstruct, X, chunk=2048):
 
 
 # ----------------------------------------------------------------------------- the trainers
-# Each takes (X_train, args), trains, and returns (reconstruct, notes, version); `reconstruct`
-# maps rows (b, d) to the trained model's x_hat (b, d).
+# Each takes (X_train, args, workdir), trains, and returns (reconstruct, notes, version);
+# `reconstruct` maps rows (b, d) to the trained model's x_hat (b, d); workdir is a scratch
+# folder for the checkpoints the libraries write, removed afterwards.
 
 
 class ReplayModel(nn.Module):
@@ -218,23 +219,21 @@ class RowSequences(torch.utils.data.Dataset):
         return {"input_ids": torch.arange(i * self.seq, (i + 1) * self.seq) % self.n_train}
 
 
-def train_sparsify(X_train, args):
+def train_sparsify(X_train, args, workdir):
     from sparsify import SaeConfig, Trainer, TrainConfig
     import sparsify.utils
 
     # sparsify counts its batch in sequences: group rows so a batch is still `batch` rows.
     seq = math.gcd(args.batch, 64)
-    save_dir = tempfile.mkdtemp(prefix="peers-sparsify-")
     cfg = TrainConfig(
         SaeConfig(k=args.k, num_latents=args.width),
         batch_size=args.batch // seq,
         log_to_wandb=False,
-        save_dir=save_dir,
+        save_dir=workdir,
     )
     data = RowSequences(len(X_train), args.steps * args.batch, seq)
     trainer = Trainer(cfg, data, ReplayModel(X_train))
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer.fit()
+    trainer.fit()
     (opt,) = trainer.optimizers
     if hasattr(opt, "eval"):
         opt.eval()  # ScheduleFree: the averaged weights, the ones sparsify saves
@@ -249,7 +248,7 @@ def train_sparsify(X_train, args):
     return (lambda x: sae(x).sae_out), notes, importlib.metadata.version("eai-sparsify")
 
 
-def train_saelens(X_train, args):
+def train_saelens(X_train, args, workdir):
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
@@ -261,14 +260,13 @@ def train_saelens(X_train, args):
     )
     cfg.lr_end = cfg.lr / 10  # as LanguageModelSAERunnerConfig sets it
     trainer = SAETrainer(cfg, sae, data_provider=batches(X_train, args.steps, args.batch))
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer.fit()
+    trainer.fit()
     sae.eval()
     notes = f"SAETrainer + TopKTrainingSAE, Adam lr={cfg.lr:.2e} constant, lr_end=lr/10 set"
     return (lambda x: sae(x)), notes, importlib.metadata.version("sae-lens")
 
 
-def train_dictionary_learning(X_train, args):
+def train_dictionary_learning(X_train, args, workdir):
     from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
     from dictionary_learning.training import trainSAE
 
@@ -276,19 +274,17 @@ def train_dictionary_learning(X_train, args):
         trainer=TopKTrainer, steps=args.steps, activation_dim=args.d, dict_size=args.width,
         k=args.k, layer=0, lm_name="synthetic", warmup_steps=0, device="cpu", seed=0,
     )
-    save_dir = tempfile.mkdtemp(prefix="peers-dictionary-learning-")
-    with contextlib.redirect_stdout(sys.stderr):
-        trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps,
-                 save_dir=save_dir, device="cpu")
+    trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps,
+             save_dir=workdir, device="cpu")
     # trainSAE returns nothing: read the trained model back the way its users do.
-    ae = AutoEncoderTopK.from_pretrained(os.path.join(save_dir, "trainer_0", "ae.pt"))
-    with open(os.path.join(save_dir, "trainer_0", "config.json")) as f:
+    ae = AutoEncoderTopK.from_pretrained(os.path.join(workdir, "trainer_0", "ae.pt"))
+    with open(os.path.join(workdir, "trainer_0", "config.json")) as f:
         lr = json.load(f)["trainer"]["lr"]
     notes = f"trainSAE + TopKTrainer/AutoEncoderTopK, Adam lr={lr:.2e}, warmup_steps=0 (default 1000 >= steps asserts)"
     return ae, notes, importlib.metadata.version("dictionary-learning")
 
 
-def train_plain_torch_dense(X_train, args):
+def train_plain_torch_dense(X_train, args, workdir):
     torch.manual_seed(0)
     W_dec = torch.randn(args.width, args.d)  # (n, d), rows are atoms
     W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -338,7 +334,8 @@ def run_one(name, args):
         sys.exit(f"--d {args.d} but {args.data} has rows of {X_train.shape[1]} features")
     load_before = os.getloadavg()[0]
     clock = StepClock()
-    reconstruct, notes, version = TRAINERS[name](X_train, args)
+    with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
+        reconstruct, notes, version = TRAINERS[name](X_train, args, workdir)
     timing = clock.result(args.batch)
     load = [load_before, os.getloadavg()[0]]
     if max(load) > os.cpu_count():
