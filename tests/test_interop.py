@@ -122,7 +122,8 @@ def test_batchtopk_threshold_is_every_units_jumprelu_threshold(tmp_path):
     model = random_model("batchtopk")
     cfg, tensors = read_folder(export_saelens(model, tmp_path / "sae"))
     assert cfg["architecture"] == "jumprelu"
-    assert torch.equal(tensors["threshold"], torch.full((12,), 0.3, dtype=torch.float32).double())
+    # the threshold buffer is kept in the model's dtype (float64 here)
+    assert torch.equal(tensors["threshold"], torch.full((12,), 0.3, dtype=torch.float64))
 
 
 def test_unestimated_batchtopk_threshold_acts_as_relu_in_both(tmp_path):
