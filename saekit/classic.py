@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from .blas import matmul
-from .penalties import kl_derivative, kl_divergence, weight_decay
+from .penalties import kl_derivative, kl_divergence
 
 BLOCK_BYTES = 1 << 20  # output-layer rows per element-wise block: about 1 MB per array, inside the 2 MB L2
 
@@ -117,11 +117,17 @@ def cost_and_grad(
     beta: float,
     target: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    sparsity=None,
 ) -> tuple[ClassicCost, Workspace]:
     """J and its gradient for x (m, n_inputs) and the target y (defaults to x).
 
     Returns the cost terms with the gradients, and the workspace to pass to the next call.
     The gradients live in the workspace's buffers: copy them before the next call if you keep them.
+
+    `sparsity(rho_hat) -> (delta (n_hidden,), value)` replaces the KL term: delta is added to
+    delta3 W2 before the sigmoid's derivative (UFLDL's modified delta2 has beta * KL'(rho_hat)
+    there), and value is reported as the sparsity term. Minibatch training passes the KL slope at
+    a running estimate of rho_hat, or beta for an L1 penalty on sigmoid codes (|a2| = a2).
     """
     y = x if target is None else target
     m, n_hidden = x.shape[0], W1.shape[0]
@@ -140,7 +146,11 @@ def cost_and_grad(
         squared_error = _output_deltas(d3, y, ws)
 
         # Hidden layer: delta3 W2 plus UFLDL's sparsity term, times a2 * (1 - a2).
-        matmul(d3, W2, d2).add_(kl_derivative(rho, rho_hat), alpha=beta)
+        if sparsity is None:
+            delta, sparsity_value = beta * kl_derivative(rho, rho_hat), beta * float(kl_divergence(rho, rho_hat).sum())
+        else:
+            delta, sparsity_value = sparsity(rho_hat)
+        matmul(d3, W2, d2).add_(delta)
         torch.ops.aten.sigmoid_backward.grad_input(d2, a2, grad_input=d2)
 
         # Weight gradients as (n_inputs, .) products, then written in the parameters' own layout.
@@ -152,9 +162,10 @@ def cost_and_grad(
         grad_b1 = d2.mean(0)  # sum_i delta2 / m
 
     reconstruction = 0.5 * squared_error / m
-    decay = float(weight_decay(lambda_, W1, W2))
-    sparsity = beta * float(kl_divergence(rho, rho_hat).sum())
+    # (lambda/2)(||W1||^2 + ||W2||^2) as dot products of the flat weights: no temporary arrays.
+    decay = 0.5 * lambda_ * sum(float(torch.dot(w.reshape(-1), w.reshape(-1))) for w in (W1, W2.t())) if lambda_ else 0.0
     result = ClassicCost(
-        reconstruction + decay + sparsity, reconstruction, decay, sparsity, rho_hat, (grad_W1, grad_b1, grad_W2, grad_b2)
+        reconstruction + decay + sparsity_value, reconstruction, decay, sparsity_value, rho_hat,
+        (grad_W1, grad_b1, grad_W2, grad_b2),
     )
     return result, ws

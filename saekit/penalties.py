@@ -59,24 +59,31 @@ class RunningRhoHat:
     def load_state_dict(self, state: dict) -> None:
         self.rho_hat = state["rho_hat"]
 
-    def penalty(self, h: torch.Tensor, rho: float, beta: float, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value).
+    @torch.no_grad()
+    def observe(self, batch_sum: torch.Tensor, count: int, reduce=None) -> None:
+        """Fold a batch into the estimate: batch_sum (n_hidden,) of activations over count examples.
 
-        `reduce` sums a tensor over processes (data-parallel training), so the running estimate
-        follows the global batch's mean; by default the batch is all there is.
+        `reduce` sums a tensor over processes (data-parallel training), so the estimate follows
+        the global batch's mean; by default the batch is all there is.
         """
-        batch_mean = h.mean(0)
-        with torch.no_grad():
-            sums = torch.cat([h.sum(0), h.new_tensor([h.shape[0]])])
-            sums = reduce(sums) if reduce is not None else sums
-            global_mean = sums[:-1] / sums[-1]
-            if self.rho_hat is None:
-                self.rho_hat = global_mean.clone()
-            else:
-                self.rho_hat.mul_(self.momentum).add_(global_mean, alpha=1 - self.momentum)
-            slope = kl_derivative(rho, self.rho_hat)
-            reported = beta * kl_divergence(rho, self.rho_hat).sum()
-        return beta * (slope * batch_mean).sum(), reported
+        sums = torch.cat([batch_sum, batch_sum.new_tensor([count])])
+        sums = reduce(sums) if reduce is not None else sums
+        global_mean = sums[:-1] / sums[-1]
+        if self.rho_hat is None:
+            self.rho_hat = global_mean.clone()
+        else:
+            self.rho_hat.mul_(self.momentum).add_(global_mean, alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def slope_and_value(self, rho: float, beta: float) -> tuple[torch.Tensor, float]:
+        """beta * KL'(rho || rho_hat_run) per unit, and the reported penalty beta * sum_j KL(rho || rho_hat_run)."""
+        return beta * kl_derivative(rho, self.rho_hat), float(beta * kl_divergence(rho, self.rho_hat).sum())
+
+    def penalty(self, h: torch.Tensor, rho: float, beta: float, reduce=None) -> tuple[torch.Tensor, float]:
+        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value)."""
+        self.observe(h.detach().sum(0), h.shape[0], reduce)
+        slope, reported = self.slope_and_value(rho, beta)
+        return (slope * h.mean(0)).sum(), reported
 
 
 def contractive(h: torch.Tensor, W1: torch.Tensor, activation: str) -> torch.Tensor:

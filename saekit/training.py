@@ -46,32 +46,27 @@ def is_classic(model: SparseAutoencoder, cfg: TrainConfig) -> bool:
     return model.activation == "sigmoid" and model.output == "sigmoid" and cfg.penalty == "kl"
 
 
-def loss_terms(model, x, cfg: TrainConfig, target=None, running: RunningRhoHat | None = None):
+def loss_terms(model, x, cfg: TrainConfig, target=None):
     """The cost on a batch x (m, n_inputs), for autograd: returns (loss to differentiate, Evaluation).
 
-    With `running`, rho_hat is the running estimate of minibatch training (see RunningRhoHat);
-    without it, rho_hat is exact over the m examples given.
+    rho_hat is exact over the m examples given (full-batch training and evaluation).
     """
     y = x if target is None else target
     out = model(x)
     reconstruction = 0.5 * (out.x_hat - y).pow(2).sum(1).mean()
     decay = weight_decay(cfg.weight_decay, model.W1, model.W2)
     rho_hat = out.h.mean(0)
-    if cfg.penalty == "kl" and running is not None:
-        surrogate, sparsity = running.penalty(out.h, cfg.rho, cfg.beta)
-        rho_hat = running.rho_hat
-    elif cfg.penalty == "kl":
-        surrogate = sparsity = cfg.beta * kl_divergence(cfg.rho, rho_hat).sum()
+    if cfg.penalty == "kl":
+        sparsity = cfg.beta * kl_divergence(cfg.rho, rho_hat).sum()
     elif cfg.penalty == "l1":
-        surrogate = sparsity = cfg.beta * out.h.abs().sum(1).mean()
+        sparsity = cfg.beta * out.h.abs().sum(1).mean()
     elif cfg.penalty == "contractive":
-        surrogate = sparsity = cfg.beta * contractive(out.h, model.W1, model.activation)
+        sparsity = cfg.beta * contractive(out.h, model.W1, model.activation)
     else:
-        surrogate = sparsity = torch.zeros((), dtype=x.dtype, device=x.device)
-    loss = reconstruction + decay + surrogate
-    terms = [float(t.detach()) for t in (reconstruction + decay + sparsity, reconstruction, decay, sparsity)]
-    evaluation = Evaluation(*terms, rho_hat.detach())
-    return loss, evaluation
+        sparsity = torch.zeros((), dtype=x.dtype, device=x.device)
+    loss = reconstruction + decay + sparsity
+    terms = [float(t.detach()) for t in (loss, reconstruction, decay, sparsity)]
+    return loss, Evaluation(*terms, rho_hat.detach())
 
 
 def full_batch_objective(model, x, cfg: TrainConfig, target=None) -> Callable[[], tuple[Evaluation, list]]:
@@ -188,6 +183,10 @@ class Minibatch:
                                    dtype=model.W1.dtype, rank=distributed.rank(), world_size=distributed.world_size())
         self.total_steps = cfg.steps or cfg.epochs * self.stream.steps_per_epoch
         self.running = RunningRhoHat(model.n_hidden, cfg.rho_momentum) if cfg.penalty == "kl" else None
+        # The sigmoid autoencoder's closed-form gradient is faster than autograd (saekit.classic).
+        self.closed_form = (model.activation == "sigmoid" and model.output == "sigmoid" and not model.pre_bias
+                            and cfg.penalty in ("kl", "l1", "none") and cfg.autocast == "none")
+        self.workspace = None
         self.since_fired = torch.zeros(model.n_hidden, dtype=torch.int64)  # examples since each unit last fired
         self.step, self.scale = 0, 1.0
         if state is None:
@@ -224,16 +223,20 @@ class Minibatch:
         """(n_hidden,) bool: units that have not fired in cfg.dead_after examples."""
         return self.since_fired >= self.cfg.dead_after
 
-    def _loss(self, x_in, y):
-        """The loss to differentiate, and this process's sums for the history."""
+    def _gradients(self, x_in, y):
+        """Set the parameters' gradients for one batch; return this process's sums for the history
+        (cost, reconstruction, sparsity, aux, weight decay, squared error, variance, active codes, each
+        summed over the batch) and which units fired."""
+        if self.closed_form:
+            return self._closed_form_gradients(x_in, y)
         cfg, model = self.cfg, self.model
         aux_k = cfg.aux_k if model.activation in SPARSE_ACTIVATIONS else 0
         dead = self.dead().to(x_in.device) if aux_k else None
         with torch.autocast(x_in.device.type, dtype=AUTOCAST[cfg.autocast], enabled=cfg.autocast != "none"):
             out = model(x_in, dead=dead, aux_k=aux_k)
-        x_hat = out.x_hat.to(y.dtype)
-        error = x_hat - y
-        reconstruction = 0.5 * error.pow(2).sum(1).mean()
+        error = out.x_hat.to(y.dtype) - y
+        squared_error = error.pow(2).sum()
+        reconstruction = 0.5 * squared_error / y.shape[0]
         h = out.h
         zero = torch.zeros((), dtype=y.dtype, device=y.device)
         penalty = sparsity = aux = decay = zero
@@ -241,11 +244,9 @@ class Minibatch:
             penalty, sparsity = self.running.penalty(h, cfg.rho, cfg.beta, reduce=distributed.all_reduce_sum)
         elif cfg.penalty in ("l1", "l1-decoder"):
             codes = h.values if isinstance(h, SparseCodes) else h
-            weights = model.W2.norm(dim=0) if cfg.penalty == "l1-decoder" else None
-            if weights is not None and isinstance(h, SparseCodes):
-                codes = codes * weights[h.indices]
-            elif weights is not None:
-                codes = codes * weights
+            if cfg.penalty == "l1-decoder":
+                norms = model.W2.norm(dim=0)
+                codes = codes * (norms[h.indices] if isinstance(h, SparseCodes) else norms)
             penalty = sparsity = cfg.beta * codes.abs().sum(1).mean()
         elif cfg.penalty == "l0":
             penalty = sparsity = cfg.beta * model.jumprelu.l0(out.z2)
@@ -255,19 +256,52 @@ class Minibatch:
             aux = cfg.aux_coefficient * _auxk_loss(error.detach(), out.aux, model)
         if cfg.weight_decay:
             decay = weight_decay(cfg.weight_decay, model.W1, model.W2)
-        loss = reconstruction + penalty + aux + decay
-        active = (h.values > 0) if isinstance(h, SparseCodes) else (h > 0)
-        fired = torch.zeros(model.n_hidden, dtype=torch.bool, device=y.device)
-        if isinstance(h, SparseCodes):
-            fired[h.indices[active]] = True
+        (reconstruction + penalty + aux + decay).backward()
+        if model.activation == "sigmoid":  # every unit is active; firing means nothing here
+            active, fired = y.shape[0] * model.n_hidden, torch.ones(model.n_hidden, dtype=torch.bool, device=y.device)
+        elif isinstance(h, SparseCodes):
+            positive = h.values > 0
+            active, fired = positive.sum(), torch.zeros(model.n_hidden, dtype=torch.bool, device=y.device)
+            fired[h.indices[positive]] = True
         else:
-            fired = active.any(0)
-        sums = torch.stack([reconstruction + sparsity + aux + decay, reconstruction, sparsity, aux, decay]).detach() * y.shape[0]
-        # The variance for the FVU is about the global batch's mean, so it does not depend on the process count.
-        total = distributed.all_reduce_sum(torch.cat([y.sum(0), y.new_tensor([y.shape[0]])]))
-        variance = (y - total[:-1] / total[-1]).pow(2).sum()
-        sums = torch.cat([sums, torch.stack([error.pow(2).sum(), variance, active.sum()]).detach().to(sums.dtype)])
-        return loss, sums, fired
+            positive = h > 0
+            active, fired = positive.sum(), positive.any(0)
+        terms = [float(torch.as_tensor(t).detach()) for t in (reconstruction + sparsity + aux + decay, reconstruction, sparsity, aux, decay)]
+        return self._sums(terms, float(squared_error), float(active), y), fired
+
+    def _closed_form_gradients(self, x_in, y):
+        """The sigmoid autoencoder's step by UFLDL's closed form (saekit.classic), its penalty's
+        slope given per unit: the KL slope at the running rho_hat, or beta for L1 (a2 > 0)."""
+        cfg, model = self.cfg, self.model
+        batch = y.shape[0]
+
+        def sparsity(rho_hat):
+            if cfg.penalty == "kl":
+                self.running.observe(rho_hat * batch, batch, reduce=distributed.all_reduce_sum)
+                return self.running.slope_and_value(cfg.rho, cfg.beta)
+            if cfg.penalty == "l1":  # beta * mean_i sum_j |a2_ij| = beta * sum_j rho_hat_j
+                return torch.full_like(rho_hat, cfg.beta), cfg.beta * float(rho_hat.sum())
+            return torch.zeros_like(rho_hat), 0.0
+
+        W1, b1, W2, b2 = (p.detach() for p in model.parameters())
+        result, self.workspace = classic.cost_and_grad(W1, b1, W2, b2, x_in, cfg.weight_decay, cfg.rho, cfg.beta,
+                                                       target=y, workspace=self.workspace, sparsity=sparsity)
+        for p, g in zip(model.parameters(), result.grads):
+            p.grad = g  # the workspace's buffers, which the next step overwrites after the optimizer has read them
+        terms = [result.cost, result.reconstruction, result.sparsity, 0.0, result.weight_decay]
+        fired = torch.ones(model.n_hidden, dtype=torch.bool, device=y.device)
+        return self._sums(terms, 2 * batch * result.reconstruction, batch * model.n_hidden, y), fired
+
+    @torch.no_grad()
+    def _sums(self, terms: list[float], squared_error: float, active: float, y: torch.Tensor) -> torch.Tensor:
+        """The history's per-batch sums. The variance for the FVU is about the global batch's mean
+        (sum ||y||^2 - <sum y, mean>), so it does not depend on the process count."""
+        column_sum = y.sum(0)
+        total = distributed.all_reduce_sum(torch.cat([column_sum, y.new_tensor([y.shape[0]])]))
+        variance = float(torch.dot(y.reshape(-1), y.reshape(-1)) - column_sum @ (total[:-1] / total[-1]))
+        batch = y.shape[0]
+        return torch.tensor([t * batch for t in terms] + [squared_error, variance, active], dtype=torch.float64,
+                            device=y.device)
 
     @torch.no_grad()
     def _remove_parallel_gradient(self) -> None:
@@ -303,9 +337,8 @@ class Minibatch:
                     # process takes its rows: N processes corrupt exactly as one does.
                     generator.manual_seed(cfg.seed * 1_000_003 + self.step)
                     x_in = corrupt(y, cfg.corruption, cfg.corruption_level, generator, distributed.rank(), world)
-                    loss, sums, fired = self._loss(x_in, y)
-                    self.optimizer.zero_grad(set_to_none=False)
-                    loss.backward()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums, fired = self._gradients(x_in, y)
                     distributed.average_gradients(params)
                     if cfg.normalize_decoder:
                         self._remove_parallel_gradient()
@@ -316,7 +349,7 @@ class Minibatch:
                     self.since_fired += y.shape[0] * world
                     self.since_fired[fired] = 0
                     self.step += 1
-                    window += distributed.all_reduce_sum(sums.double()).cpu()
+                    window += distributed.all_reduce_sum(sums).cpu()
                     examples_in_window += y.shape[0] * world
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:

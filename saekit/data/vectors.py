@@ -199,7 +199,8 @@ def _open_file(path: Path, key: str | None) -> VectorSource:
 
 def check_finite(block: torch.Tensor, source: VectorSource, start: int) -> torch.Tensor:
     """Return block (rows start.. of source), or raise UserError naming its first NaN/inf row."""
-    if not torch.isfinite(block).all():
+    # min and max propagate NaN and reach inf: two reductions, no (rows, d) mask unless something is wrong
+    if block.numel() and not torch.isfinite(torch.stack(torch.aminmax(block))).all():
         row = start + int((~torch.isfinite(block).all(dim=1)).nonzero()[0])
         raise UserError(f"{source.where(row)} holds NaN or inf (as {block.dtype}); remove "
                         f"or fix the non-finite rows")
