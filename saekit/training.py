@@ -267,7 +267,7 @@ class Minibatch:
             positive = h > 0
             active, fired = positive.sum(), positive.any(0)
         terms = [float(torch.as_tensor(t).detach()) for t in (reconstruction + sparsity + aux + decay, reconstruction, sparsity, aux, decay)]
-        return self._sums(terms, float(squared_error), float(active), y), fired
+        return self._sums(terms, float(squared_error.detach()), float(active), y), fired
 
     def _closed_form_gradients(self, x_in, y):
         """The sigmoid autoencoder's step by UFLDL's closed form (saekit.classic), its penalty's
