@@ -13,7 +13,10 @@ ever moves the parameters that require gradients.
 `FeatureClassifier` is seed 003's recipe and UFLDL's self-taught learning and stacked
 autoencoder: drop the decoders, feed each encoder's hidden activations to the next, and put a
 softmax on the last one. It trains the softmax on the frozen features, and can then fine-tune
-the whole network by back-propagation, with weight decay on every weight matrix.
+the whole network by back-propagation. Fine-tuning decays only theta by default, as UFLDL's
+stackedAECost does: decaying the encoders' W1 too (`decay_encoders`) at UFLDL's lambda = 3e-3
+pulls them far from their pre-trained values, because the NLL (about 0.1-0.4) is small beside
+||W1||^2. On MNIST 784-200-200-10 that took test accuracy from 92.1% to 91.4% instead of up.
 
 Both are trained full-batch with L-BFGS (`saekit.training.train_lbfgs`, UFLDL's minFunc) or with
 minibatch Adam (`Solver`). Examples are rows: x (m, n_features) and integer labels y (m,) in
@@ -239,10 +242,11 @@ class FeatureClassifier(nn.Module):
         """Logits (batch, n_classes)."""
         return self.softmax(self.features(x))
 
-    def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float):
-        """Fine-tuning's (J, nll, weight decay): (lambda/2) times the squared norms of every W1 and theta."""
+    def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float, decay_encoders: bool = False):
+        """Fine-tuning's (J, nll, weight decay): (lambda/2) ||theta||^2, plus every encoder's ||W1||^2 with decay_encoders."""
         nll = F.cross_entropy(self(x), y)
-        decay = weight_decay(lambda_, *(sae.W1 for sae in self.encoders), self.softmax.theta)
+        encoder_weights = [sae.W1 for sae in self.encoders] if decay_encoders else []
+        decay = weight_decay(lambda_, self.softmax.theta, *encoder_weights)
         return nll + decay, nll, decay
 
     def _data(self, x, y):
@@ -251,14 +255,14 @@ class FeatureClassifier(nn.Module):
 
     def fit(self, x, y, fine_tune: bool = False, softmax_solver: Solver = Solver(max_iter=100),
             fine_tune_solver: Solver = Solver(max_iter=400), fine_tune_lambda: float = 3e-3,
-            progress: bool = False) -> dict:
+            decay_encoders: bool = False, progress: bool = False) -> dict:
         """Train the softmax on the frozen features, then (if fine_tune) the whole network.
 
         Returns {"softmax": history, "fine_tune": history or None}.
         """
         history = {"softmax": self.fit_softmax(x, y, softmax_solver, progress), "fine_tune": None}
         if fine_tune:
-            history["fine_tune"] = self.fine_tune(x, y, fine_tune_solver, fine_tune_lambda, progress)
+            history["fine_tune"] = self.fine_tune(x, y, fine_tune_solver, fine_tune_lambda, decay_encoders, progress)
         return history
 
     def fit_softmax(self, x, y, solver: Solver = Solver(max_iter=100), progress: bool = False) -> list[dict]:
@@ -269,12 +273,13 @@ class FeatureClassifier(nn.Module):
         return self.softmax.fit(features, y, solver, progress)
 
     def fine_tune(self, x, y, solver: Solver = Solver(max_iter=400), lambda_: float = 3e-3,
-                  progress: bool = False) -> list[dict]:
-        """Back-propagate through the whole network (UFLDL: lambda 3e-3, 400 L-BFGS iterations)."""
+                  decay_encoders: bool = False, progress: bool = False) -> list[dict]:
+        """Back-propagate through the whole network (UFLDL: lambda 3e-3 on theta, 400 L-BFGS iterations)."""
         if not lambda_ >= 0:
             raise UserError(f"fine-tuning weight decay must be >= 0 (got {lambda_}).")
         x, y = self._data(x, y)
-        return minimize(trainable(self), lambda xb, yb: self.cost(xb, yb, lambda_), x, y, solver, progress)
+        return minimize(trainable(self), lambda xb, yb: self.cost(xb, yb, lambda_, decay_encoders), x, y, solver,
+                        progress)
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:

@@ -155,7 +155,8 @@ def test_feature_classifier_forward_is_the_composition_of_its_parts():
     np.testing.assert_array_equal(clf.predict(x), np.argmax(h @ theta.T + b, 1))
 
 
-def test_fine_tuning_cost_and_gradient():
+@pytest.mark.parametrize("decay_encoders", [False, True])
+def test_fine_tuning_cost_and_gradient(decay_encoders):
     saes = two_encoders()
     clf = FeatureClassifier(saes, n_classes=4, seed=3)
     rng = np.random.default_rng(1)
@@ -164,16 +165,17 @@ def test_fine_tuning_cost_and_gradient():
     W1a, b1a, W1b, b1b = (p.detach().numpy() for p in (saes[0].W1, saes[0].b1, saes[1].W1, saes[1].b1))
     theta, b = clf.softmax.theta.detach().numpy(), clf.softmax.b.detach().numpy()
     logits = numpy_sigmoid(numpy_sigmoid(x.numpy() @ W1a.T + b1a) @ W1b.T + b1b) @ theta.T + b
-    decay = lambda_ / 2 * ((W1a**2).sum() + (W1b**2).sum() + (theta**2).sum())
-    J, nll, got_decay = clf.cost(x, y, lambda_)
+    # UFLDL's stackedAECost decays theta only; decay_encoders adds every encoder's W1.
+    squares = (theta**2).sum() + ((W1a**2).sum() + (W1b**2).sum() if decay_encoders else 0)
+    J, nll, got_decay = clf.cost(x, y, lambda_, decay_encoders)
     nll, got_decay = float(nll.detach()), float(got_decay.detach())
     assert nll == pytest.approx(numpy_softmax_nll(logits, y.numpy()), rel=1e-13)
-    assert got_decay == pytest.approx(decay, rel=1e-13)
+    assert got_decay == pytest.approx(lambda_ / 2 * squares, rel=1e-13)
 
     params = trainable(clf)
     assert len(params) == 6  # W1, b1 per encoder, theta, b: no decoder weights
     grads = torch.autograd.grad(J, params)
-    fd = finite_difference_grads(lambda: clf.cost(x, y, lambda_)[0], params)
+    fd = finite_difference_grads(lambda: clf.cost(x, y, lambda_, decay_encoders)[0], params)
     for got, expected in zip(grads, fd):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
@@ -214,6 +216,19 @@ def test_fine_tuning_changes_the_encoders_but_not_the_autoencoders():
     for p, q in zip((p for sae in saes for p in sae.parameters()), originals):
         assert torch.equal(p, q)
     assert history["fine_tune"][-1]["cost"] < history["fine_tune"][0]["cost"]
+
+
+def test_fine_tuning_learns_xor_which_frozen_random_features_cannot():
+    """XOR of two bits is not linearly separable; an untrained encoder's small weights give nearly
+    linear features, so only fine-tuning the encoder can separate it."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, (200, 2))
+    x, y = np.clip(0.1 + 0.8 * bits + 0.05 * rng.standard_normal((200, 2)), 0, 1), bits[:, 0] ^ bits[:, 1]
+    clf = FeatureClassifier([SparseAutoencoder(2, 4, seed=0)], n_classes=2)
+    clf.fit_softmax(x, y)
+    assert (clf.predict(x) == y).mean() < 0.8
+    clf.fine_tune(x, y, Solver(max_iter=200), lambda_=1e-4)
+    assert (clf.predict(x) == y).all()
 
 
 # ---------------------------------------------------------------- evaluation
