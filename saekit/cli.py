@@ -186,7 +186,9 @@ def cmd_train(args) -> int:
     distributed.init_from_environment(args.device or "cpu")
     cfg, run_dir = _config(args)
     resumed = run_dir is not None
-    data = load_training_data(cfg)  # before the run folder is made, so bad data leave nothing behind
+    if cfg.tensorboard:
+        _summary_writer_class()  # before the run folder is made, so a missing package leaves nothing behind
+    data = load_training_data(cfg)  # likewise for bad data
     if data.x is not None:
         _check_data(data.x, cfg)
     if distributed.is_main():
@@ -234,7 +236,8 @@ def _train_minibatch(args, run_dir, cfg, resumed, data) -> int:
                                                      "finished": trainer.step >= trainer.total_steps})
 
     _announce(run_dir, cfg, data, model, trainer.step, trainer.total_steps, "steps")
-    _, interrupted = trainer.run(progress=not args.no_progress, checkpoint=checkpoint)
+    on_row = _tensorboard(run_dir) if cfg.tensorboard and distributed.is_main() else None
+    _, interrupted = trainer.run(progress=not args.no_progress, checkpoint=checkpoint, on_row=on_row)
     checkpoint()
     if not distributed.is_main():
         return 0
@@ -248,6 +251,27 @@ def _train_minibatch(args, run_dir, cfg, resumed, data) -> int:
                         if k in ("cost", "reconstruction", "sparsity", "weight_decay", "rho_hat_mean")})
     save_density_png(density, run_dir / "density.png")
     return _report(run_dir, cfg, data, final, history, interrupted, metrics, not args.no_progress)
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def _tensorboard(run_dir: Path):
+    """A history-row callback that also logs to TensorBoard, in RUN/tensorboard."""
+    writer = _summary_writer_class()(str(run_dir / "tensorboard"))
+
+    def log(row: dict) -> None:
+        for key, value in row.items():
+            if key != "step":
+                writer.add_scalar(key, value, row["step"])
+        writer.flush()
+
+    return log
 
 
 def _report(run_dir, cfg, data, model, history, interrupted, metrics, progress=True) -> int:

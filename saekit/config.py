@@ -107,7 +107,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Minibatch training: steps between checkpoints (one is also written at the end and on Ctrl-C)."""
     tensorboard: bool = False
-    """Also log the history to TensorBoard (needs the tensorboard package)."""
+    """Also log the history to TensorBoard, in RUN/tensorboard (pip install 'saekit[tensorboard]')."""
     # --- classification (MNIST / Fashion-MNIST)
     stack: str | None = None
     """Stacked autoencoder: hidden sizes of further autoencoders, each trained on the previous one's codes, e.g. '200'."""

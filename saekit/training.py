@@ -314,9 +314,11 @@ class Minibatch:
         W = self.model.W2.t()
         W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-    def run(self, progress: bool = True, checkpoint: Callable[[], None] | None = None) -> tuple[list, bool]:
-        """Train until total_steps, calling checkpoint() every cfg.checkpoint_every steps.
-        Returns (the history, including rows from before a resume, interrupted)."""
+    def run(self, progress: bool = True, checkpoint: Callable[[], None] | None = None,
+            on_row: Callable[[dict], None] | None = None) -> tuple[list, bool]:
+        """Train until total_steps, calling checkpoint() every cfg.checkpoint_every steps and
+        on_row(row) with each new history row. Returns (the history, including rows from before a
+        resume, interrupted)."""
         cfg, model = self.cfg, self.model
         params = [p for p in model.parameters()]
         world = distributed.world_size()
@@ -355,6 +357,8 @@ class Minibatch:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         row = self._row(window, examples_in_window, time.perf_counter() - window_started, started)
                         self.history.append(row)
+                        if on_row is not None:
+                            on_row(row)
                         bar.set_postfix(cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
                         window.zero_()
                         examples_in_window, window_started = 0, time.perf_counter()
