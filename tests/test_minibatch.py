@@ -579,3 +579,21 @@ def test_evaluate_stream_against_a_direct_computation(activation):
     partial, _ = evaluate_stream(model, open_vectors(x), batch_size=4, max_rows=10)
     assert partial["n_examples"] == 10
     assert partial["mse"] == pytest.approx(float(error[:10].pow(2).mean()), rel=1e-10)
+
+
+def test_tensorboard_logs_every_history_row(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from saekit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "topk", "--n-examples", "2000", "--batch-size", "500", "--steps", "4",
+                 "--log-every", "2", "--tensorboard", "--out", str(run), "--no-progress"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()]
+    header, rows = history[0], history[1:]
+    fvu = [event.value for event in events.Scalars("fvu")]
+    assert [event.step for event in events.Scalars("fvu")] == [2, 4]
+    assert fvu == pytest.approx([float(row[header.index("fvu")]) for row in rows], rel=1e-6)
