@@ -12,6 +12,26 @@ import pytest
 import torch
 
 
+def run_cli(argv):
+    """saekit's main(argv) as the shell would see it: the exit status, also when argparse exits."""
+    from saekit.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_one_line_error(code, err, *words):
+    """A user error: status 2 and one line `saekit: error: ...` naming each of words, no traceback."""
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saekit: error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def find_mnist_dir() -> Path:
     """The folder holding mnist/ (SAEKIT_DATA_DIR, or ../shared/data beside the repository); skips the test otherwise."""
     for candidate in (os.environ.get("SAEKIT_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):

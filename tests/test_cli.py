@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_cli
 import safetensors.torch
 import torch
 from PIL import Image
@@ -27,22 +28,7 @@ METRICS = {"n_examples", "cost", "reconstruction", "weight_decay", "sparsity", "
            "rho_hat_max", "rho_hat_std", "mse", "fvu"}
 
 
-def run(argv):
-    """main(argv) as the shell would see it: the exit status, also when argparse exits."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("saekit: error:"), err
-    for word in words:
-        assert word in lines[0]
+run = run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 import safetensors.torch
 import scipy.optimize
 import torch
@@ -410,22 +411,6 @@ CLI_TRAIN = ["train", "--data", "synthetic", "--synthetic-inputs", "16", "--synt
              "--penalty", "none", "--optimizer", "adam", "--lr", "0.01", "--batch-size", "50", "--log-every", "3",
              "--checkpoint-every", "4", "--aux-k", "8", "--dead-after", "100", "--normalize-decoder", "--scale-inputs",
              "--pre-bias", "--decoder-bias-init", "mean", "--no-progress"]
-
-
-def run_cli(argv):
-    """main(argv) as the shell would see it: the exit status, also when argparse exits."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("saekit: error:"), err
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
