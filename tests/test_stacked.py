@@ -58,7 +58,7 @@ def test_self_taught_split_follows_ufldl():
     images = np.arange(11)[:, None] * np.ones((1, 2))  # row i is (i, i): shows which rows went where
     labels = np.array([5, 0, 1, 9, 2, 3, 4, 7, 0, 6, 8])
     x_unlabeled, x_train, y_train, x_test, y_test = self_taught_split(images, labels)
-    # Digits 0-4 sit at rows 1, 2, 4, 5, 6, 8: five-and-a-bit... six rows, the first half trains.
+    # Digits 0-4 sit at rows 1, 2, 4, 5, 6, 8: the first three train, the last three test.
     np.testing.assert_array_equal(x_unlabeled[:, 0], [0, 3, 7, 9, 10])
     np.testing.assert_array_equal(x_train[:, 0], [1, 2, 4])
     np.testing.assert_array_equal(y_train, [0, 1, 2])
@@ -82,7 +82,8 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="module")
 def mnist_test_split():
     """The first 1000 MNIST test digits, (1000, 784) float32 in [0, 1], and their labels."""
-    return load_digits("mnist", "test", data_dir=mnist_dir())[0][:1000], load_digits("mnist", "test", data_dir=mnist_dir())[1][:1000]
+    images, labels = load_digits("mnist", "test", data_dir=mnist_dir())
+    return images[:1000], labels[:1000]
 
 
 def test_run_stacked_end_to_end_on_a_few_hundred_digits(mnist_test_split):
