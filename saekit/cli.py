@@ -308,7 +308,7 @@ def cmd_classify(args) -> int:
     data = load_training_data(cfg)
     result = stages.classify(run_dir, cfg, layers, data.x, data.labels, not args.no_progress)
     print(", ".join(f"{k} {result[k]:.4f}" for k in CLASSIFICATION_REPORTED if k in result))
-    print(f"wrote {run_dir / 'classification.json'}, {run_dir / 'confusion.png'}")
+    print(f"wrote {run_dir / 'classification.json'}, {run_dir / 'classifier.safetensors'}, {run_dir / 'confusion.png'}")
     return 0
 
 

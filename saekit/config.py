@@ -118,7 +118,9 @@ class TrainConfig:
     softmax_max_iter: int = 100
     """L-BFGS iterations for the softmax classifier."""
     finetune_weight_decay: float = 1e-4
-    """Weight decay on every weight while fine-tuning (UFLDL fine-tunes with 1e-4; 3e-3 pulls the encoders toward 0 and lost accuracy)."""
+    """Weight decay while fine-tuning, on the softmax and (with finetune_decay_encoders) the encoders' weights."""
+    finetune_decay_encoders: bool = True
+    """Fine-tuning decays the encoders' weights too; false decays the softmax's only, as UFLDL's stackedAECost does (it overfits more with 1e-4)."""
     finetune_max_iter: int = 400
     """L-BFGS iterations of fine-tuning."""
     # --- run

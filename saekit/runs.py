@@ -3,6 +3,7 @@
     RUN/config.json          the full TrainConfig, library versions, command line, time
     RUN/weights.safetensors  the model's parameters; its metadata says how to rebuild the model
     RUN/initial.safetensors  the parameters before training
+    RUN/classifier.safetensors  with --classify: the encoders and softmax of the trained classifier
     RUN/metrics.json         final metrics (cost and its terms, rho_hat statistics, errors)
     RUN/history.csv          one row per iteration or epoch
     RUN/state.json           training progress, for --resume
@@ -27,6 +28,7 @@ import scipy
 import torch
 
 from . import __version__
+from .classifier import FeatureClassifier
 from .config import TrainConfig, read_config_file
 from .errors import UserError
 from .files import atomic_write
@@ -76,10 +78,14 @@ def load_config(run_dir) -> TrainConfig:
     return TrainConfig(**read_config_file(str(Path(run_dir) / "config.json")))
 
 
+def _cpu_tensors(module: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
 def save_model(run_dir, model: SparseAutoencoder, name: str = "weights.safetensors") -> Path:
     """The model's tensors in safetensors, with its architecture in the metadata; and, for the final
     weights, the architecture again as cfg.json beside them (the layout sparsify and SAELens use)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = _cpu_tensors(model)
     arch = model.architecture()
     metadata = {"architecture": json.dumps(arch), "format": "saekit-1"}
     path = atomic_write(Path(run_dir) / name, safetensors.torch.save(tensors, metadata=metadata))
@@ -93,16 +99,52 @@ def load_model(run_dir, device: str = "cpu", name: str = "weights.safetensors") 
     path = Path(run_dir) / name
     if not path.is_file():
         raise UserError(f"{path} is missing; is {run_dir} a saekit run folder that finished at least one step?")
+
+    def build(meta, tensors):
+        model = SparseAutoencoder(dtype=tensors["W1"].dtype, device=device, **json.loads(meta["architecture"]))
+        model.load_state_dict(tensors)
+        return model
+
+    return _rebuild(path, "a saekit weights file", build)
+
+
+def _rebuild(path: Path, what: str, build):
+    """build(metadata, tensors) on the safetensors file at path; a damaged file is one UserError."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            arch = json.loads((f.metadata() or {})["architecture"])
+            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        model = SparseAutoencoder(dtype=tensors["W1"].dtype, device=device, **arch)
-        model.load_state_dict(tensors)
+        return build(meta, tensors)
     except (safetensors.SafetensorError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path} is corrupt or not a saekit weights file ({type(e).__name__}: {first_line}).") from None
-    return model
+        raise UserError(f"{path} is corrupt or not {what} ({type(e).__name__}: {first_line}).") from None
+
+
+def save_classifier(run_dir, model: FeatureClassifier, class_names: list[str]) -> Path:
+    """The classifier's tensors (encoders.N.*, softmax.*) in RUN/classifier.safetensors; the metadata
+    holds each encoder's architecture, the softmax's weight decay and the class names."""
+    tensors = _cpu_tensors(model)
+    metadata = {"encoders": json.dumps([sae.architecture() for sae in model.encoders]),
+                "weight_decay": repr(model.softmax.weight_decay), "class_names": json.dumps(class_names),
+                "format": "saekit-classifier-1"}
+    return atomic_write(Path(run_dir) / "classifier.safetensors", safetensors.torch.save(tensors, metadata=metadata))
+
+
+def load_classifier(run_dir, device: str = "cpu") -> tuple[FeatureClassifier, list[str]]:
+    """Rebuild the classifier saved by save_classifier: (model, class names)."""
+    path = Path(run_dir) / "classifier.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; train with --classify, or run `saekit classify {run_dir}`.")
+
+    def build(meta, tensors):
+        encoders = [SparseAutoencoder(dtype=tensors["softmax.theta"].dtype, device=device, **arch)
+                    for arch in json.loads(meta["encoders"])]
+        class_names = json.loads(meta["class_names"])
+        model = FeatureClassifier(encoders, len(class_names), float(meta["weight_decay"]))
+        model.load_state_dict(tensors)
+        return model, class_names
+
+    return _rebuild(path, "a saekit classifier", build)
 
 
 def save_trainer_state(run_dir, state: dict) -> Path:

@@ -66,14 +66,14 @@ def _n_classes(*labels) -> int:
 
 def run_stacked(x_train, y_train, x_test, y_test, layer_sizes=(200, 200), cfg: TrainConfig | None = None,
                 n_pretrain: int | None = None, softmax_lambda: float = 1e-4,
-                softmax_solver: Solver = Solver(max_iter=100), fine_tune_lambda: float = 3e-3,
-                fine_tune_solver: Solver = Solver(max_iter=400), decay_encoders: bool = False, class_names=None,
-                progress: bool = True) -> dict:
+                softmax_solver: Solver = Solver(max_iter=100), fine_tune_lambda: float = 1e-4,
+                fine_tune_solver: Solver = Solver(max_iter=400), class_names=None, progress: bool = True,
+                *, decay_encoders: bool = True) -> dict:
     """UFLDL's stacked autoencoder: pre-train, train a softmax on the top features, fine-tune.
 
     Pre-training uses the first n_pretrain training examples (all by default); the softmax and
-    fine-tuning use them all. Fine-tuning decays theta only unless decay_encoders (see
-    `FeatureClassifier`). Returns accuracy_before and accuracy_after (test accuracy before
+    fine-tuning use them all. Fine-tuning decays theta and the encoders' W1 (theta only, as
+    UFLDL does, with decay_encoders=False; see `FeatureClassifier.fine_tune`). Returns accuracy_before and accuracy_after (test accuracy before
     and after fine-tuning), the full results of `evaluate_classifier` as before and after,
     seconds and training history per stage, and the trained layers and classifier.
     """
@@ -88,8 +88,8 @@ def run_stacked(x_train, y_train, x_test, y_test, layer_sizes=(200, 200), cfg: T
     before = evaluate_classifier(classifier, x_test, y_test, class_names)
 
     started = time.perf_counter()
-    history["fine_tune"] = classifier.fine_tune(x_train, y_train, fine_tune_solver, fine_tune_lambda, decay_encoders,
-                                                progress)
+    history["fine_tune"] = classifier.fine_tune(x_train, y_train, fine_tune_solver, fine_tune_lambda, progress,
+                                                decay_encoders=decay_encoders)
     seconds["fine_tune"] = time.perf_counter() - started
     after = evaluate_classifier(classifier, x_test, y_test, class_names)
     return {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "before": before,

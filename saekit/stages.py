@@ -6,7 +6,8 @@
               images and tested on the test set (fine-tune then back-propagates through the
               encoders too); 'self-taught': UFLDL's self-taught learning protocol.
 
-Results go to RUN/classification.json and confusion-matrix pictures.
+Results go to RUN/classification.json and confusion-matrix pictures, the trained classifier
+to RUN/classifier.safetensors (runs.load_classifier reads it back).
 """
 
 import dataclasses
@@ -59,6 +60,7 @@ def classify(run_dir: Path, cfg: TrainConfig, layers: list, x: torch.Tensor, lab
                   "accuracy": features["accuracy"], "accuracy_raw_pixels": pixels["accuracy"],
                   "features": _summary(features), "raw_pixels": _summary(pixels)}
         save_confusion_png(features, run_dir / "confusion.png", "Self-taught learning: softmax on the learned features")
+        runs.save_classifier(run_dir, model, names[:n_classes])
     else:
         test = load_test_data(cfg)
         digits = parse_digits(cfg.digits)
@@ -70,10 +72,12 @@ def classify(run_dir: Path, cfg: TrainConfig, layers: list, x: torch.Tensor, lab
                   "softmax": _summary(before), "accuracy": before["accuracy"]}
         save_confusion_png(before, run_dir / "confusion.png", "Softmax on the learned features")
         if cfg.classify == "fine-tune":
-            model.fine_tune(x, labels, Solver(max_iter=cfg.finetune_max_iter), cfg.finetune_weight_decay, progress)
+            model.fine_tune(x, labels, Solver(max_iter=cfg.finetune_max_iter), cfg.finetune_weight_decay, progress,
+                            decay_encoders=cfg.finetune_decay_encoders)
             after = evaluate_classifier(model, test.x, test.labels, names[:n_classes])
             result.update({"fine_tuned": _summary(after), "accuracy_before_fine_tuning": before["accuracy"],
                            "accuracy": after["accuracy"]})
             save_confusion_png(after, run_dir / "confusion_fine_tuned.png", "After fine-tuning the encoders")
+        runs.save_classifier(run_dir, model, names[:n_classes])
     runs.write_json(run_dir / "classification.json", result)
     return result

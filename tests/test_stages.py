@@ -7,7 +7,9 @@ import pytest
 from conftest import find_mnist_dir
 
 from saekit.cli import main
-from saekit.runs import load_model
+from saekit.data.idx import load_digits
+from saekit.errors import UserError
+from saekit.runs import load_classifier, load_model
 
 # From the data README: training images of each digit 0-4.
 TRAIN_COUNTS_0_TO_4 = [5923, 6742, 5958, 6131, 5842]
@@ -44,6 +46,39 @@ def test_train_with_stack_and_fine_tuning_writes_results(trained_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["accuracy"] == result["accuracy"]
     assert (run / "confusion.png").is_file() and (run / "confusion_fine_tuned.png").is_file()
+
+
+def test_saved_classifier_predicts_the_reported_accuracy(trained_run):
+    run, data_dir = trained_run
+    model, class_names = load_classifier(run)
+    assert class_names == [str(d) for d in range(10)] and len(model.encoders) == 2
+    x_test, y_test = load_digits("mnist", "test", data_dir)
+    accuracy = float(np.mean(model.predict(x_test) == y_test))
+    assert accuracy == json.loads((run / "classification.json").read_text())["accuracy"]
+
+
+def test_damaged_classifier_file_is_a_user_error(tmp_path):
+    (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="corrupt or not a saekit classifier"):
+        load_classifier(tmp_path)
+    with pytest.raises(UserError, match="--classify"):
+        load_classifier(tmp_path / "nothing")
+
+
+def test_fine_tuning_decays_the_encoders_only_when_asked(tmp_path):
+    data_dir = find_mnist_dir()
+    norms = {}
+    for flag in ("--finetune-decay-encoders", "--no-finetune-decay-encoders"):
+        run = tmp_path / flag
+        assert main(["train", "--preset", "ufldl-mnist", "--data-dir", str(data_dir), "--n-examples", "200",
+                     "--n-hidden", "12", "--max-iter", "5", "--classify", "fine-tune", "--softmax-max-iter", "5",
+                     "--finetune-max-iter", "20", "--finetune-weight-decay", "1", flag, "--out", str(run),
+                     "--no-progress"]) == 0
+        norms[flag] = float(load_classifier(run)[0].encoders[0].W1.detach().norm())
+    pretrained = float(load_model(run).W1.detach().norm())
+    # A strong decay on W1 shrinks it well below the pre-trained weights; without it W1 barely moves.
+    assert norms["--finetune-decay-encoders"] < 0.8 * pretrained
+    assert norms["--no-finetune-decay-encoders"] == pytest.approx(pretrained, rel=0.2)
 
 
 def test_classify_self_taught_protocol(trained_run, capsys):
