@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed, runs, stages, ufldl
-from .config import PRESET_HELP, PRESETS, TrainConfig, build_config, dashed, field_docs
+from .config import CLASSIFIER_FIELDS, PRESET_HELP, PRESETS, TrainConfig, build_config, dashed, field_docs
 from .data import load_training_data
 from .data.synthetic import recovery_score
 from .data.vectors import open_vectors
@@ -52,13 +52,16 @@ def _field_type(annotation):
 ALIASES = {"activation": ["--arch"], "n_hidden": ["--width"]}  # the names modern dictionaries go by
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --option per TrainConfig field, its help the field's docstring and its default."""
+def add_config_arguments(parser: argparse.ArgumentParser, title: str = "settings (override the preset)",
+                         only: tuple[str, ...] | None = None) -> None:
+    """One --option per TrainConfig field (or per field in `only`), its help the field's docstring and its default."""
     docs = field_docs(TrainConfig)
-    group = parser.add_argument_group("settings (override the preset)")
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         names = [f"--{dashed(f.name)}", *ALIASES.get(f.name, [])]
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        help_text = docs.get(f.name, "") + (f" (default: {f.default})" if only is None else "")
         if f.type is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -93,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("classify", help="train and test a classifier on a trained run's codes",
                         description="Drop the decoder, put a softmax on the hidden units of RUN's autoencoder (and "
                         "its stacked layers), train it on the run's MNIST / Fashion-MNIST training images and test it "
-                        "on the test set; writes RUN/classification.json and RUN/confusion.png.")
+                        "on the test set; writes RUN/classification.json, RUN/classifier.safetensors and "
+                        "RUN/confusion.png.")
     cl.add_argument("run", metavar="RUN", help="a run folder trained on mnist or fashion-mnist")
     cl.add_argument("--protocol", default="softmax", choices=["softmax", "fine-tune", "self-taught"],
                     help="softmax on frozen codes; fine-tune the encoders too; or UFLDL's self-taught split")
-    cl.add_argument("--softmax-max-iter", type=int, help="L-BFGS iterations of the softmax (default: the run's)")
-    cl.add_argument("--finetune-max-iter", type=int, help="L-BFGS iterations of fine-tuning (default: the run's)")
     cl.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_config_arguments(cl, "classifier settings (default: the run's config.json)", CLASSIFIER_FIELDS)
 
     ev = sub.add_parser("eval", help="metrics of a trained dictionary on a data set",
                         description="Print and save (RUN/eval.json, RUN/eval_density.png) the MSE, FVU, L0, dead "
@@ -295,11 +298,8 @@ def _report(run_dir, cfg, data, model, history, interrupted, metrics, progress=T
 
 def cmd_classify(args) -> int:
     run_dir = Path(args.run)
-    cfg = dataclasses.replace(runs.load_config(run_dir), classify=args.protocol, stack=None)
-    if args.softmax_max_iter:
-        cfg = dataclasses.replace(cfg, softmax_max_iter=args.softmax_max_iter)
-    if args.finetune_max_iter:
-        cfg = dataclasses.replace(cfg, finetune_max_iter=args.finetune_max_iter)
+    settings = {name: getattr(args, name) for name in CLASSIFIER_FIELDS if getattr(args, name) is not None}
+    cfg = dataclasses.replace(runs.load_config(run_dir), classify=args.protocol, stack=None, **settings)
     layers = [runs.load_model(run_dir, cfg.device)]
     i = 2
     while (run_dir / f"layer{i}.safetensors").is_file():

@@ -288,6 +288,9 @@ _MODERN = {
     "tied_init": True, "normalize_decoder": True, "decoder_bias_init": "geometric-median", "scale_inputs": True,
     "log_every": 10, "dead_after": 1_000_000,
 }
+CLASSIFIER_FIELDS = ("softmax_weight_decay", "softmax_max_iter", "finetune_weight_decay", "finetune_decay_encoders",
+                     "finetune_max_iter")  # the settings of a run's classifier (`saekit classify` takes these)
+
 _MNIST = {"data": "mnist", "n_examples": 10000, "n_hidden": 196, "rho": 0.1, "weight_decay": 3e-3, "beta": 3.0}
 
 PRESETS: dict[str, dict] = {

@@ -75,7 +75,10 @@ def save_config(run_dir, cfg: TrainConfig, preset: str, command: list[str] | Non
 
 
 def load_config(run_dir) -> TrainConfig:
-    return TrainConfig(**read_config_file(str(Path(run_dir) / "config.json")))
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a saekit run folder (it has no config.json); give a folder `saekit train` wrote.")
+    return TrainConfig(**read_config_file(str(path)))
 
 
 def _cpu_tensors(module: torch.nn.Module) -> dict:

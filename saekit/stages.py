@@ -17,7 +17,7 @@ import torch
 
 from . import runs
 from .classifier import FeatureClassifier, SoftmaxRegression, Solver, evaluate_classifier, save_confusion_png
-from .config import TrainConfig, parse_digits, stack_sizes
+from .config import CLASSIFIER_FIELDS, TrainConfig, parse_digits, stack_sizes
 from .data import load_test_data
 from .data.idx import CLASS_NAMES, load_digits
 from .stacked import pretrain_stack, self_taught_split
@@ -79,5 +79,6 @@ def classify(run_dir: Path, cfg: TrainConfig, layers: list, x: torch.Tensor, lab
                            "accuracy": after["accuracy"]})
             save_confusion_png(after, run_dir / "confusion_fine_tuned.png", "After fine-tuning the encoders")
         runs.save_classifier(run_dir, model, names[:n_classes])
+    result["settings"] = {name: getattr(cfg, name) for name in CLASSIFIER_FIELDS}
     runs.write_json(run_dir / "classification.json", result)
     return result

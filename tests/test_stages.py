@@ -93,6 +93,23 @@ def test_classify_self_taught_protocol(trained_run, capsys):
     assert "accuracy_raw_pixels" in capsys.readouterr().out
 
 
+def test_classify_takes_classifier_settings_and_records_them(trained_run):
+    run, _ = trained_run
+    assert main(["classify", str(run), "--softmax-max-iter", "2", "--softmax-weight-decay", "0.5",
+                 "--no-progress"]) == 0
+    settings = json.loads((run / "classification.json").read_text())["settings"]
+    assert settings["softmax_max_iter"] == 2 and settings["softmax_weight_decay"] == 0.5
+    assert load_classifier(run)[0].softmax.weight_decay == 0.5
+
+
+def test_classify_rejects_bad_settings_and_non_run_folders(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    assert main(["classify", str(run), "--softmax-weight-decay", "-1", "--no-progress"]) == 2
+    assert "--softmax-weight-decay must be >= 0" in capsys.readouterr().err
+    assert main(["classify", str(tmp_path)]) == 2
+    assert "not a saekit run folder" in capsys.readouterr().err
+
+
 def test_classify_needs_labelled_data(tmp_path, capsys):
     code = main(["train", "--classify", "softmax", "--max-iter", "2", "--out", str(tmp_path / "r"), "--no-progress"])
     assert code == 2
