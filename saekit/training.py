@@ -10,6 +10,7 @@ The cost J = reconstruction + weight decay + sparsity penalty is computed one of
 - every other combination is differentiated by autograd (`loss_terms`).
 """
 
+import math
 import signal
 import threading
 import time
@@ -145,7 +146,10 @@ def train_lbfgs(model, objective, max_iter: int, memory: int = 100, progress: bo
         accepted.update(theta=x.copy())
         row = _record(history, len(history) + 1, last["evaluation"], started)
         bar.update(1)
-        bar.set_postfix(cost=f"{row['cost']:.6g}", rho_hat=f"{row['rho_hat_mean']:.4f}", refresh=False)
+        shown = {"cost": f"{row['cost']:.6g}"}
+        if math.isfinite(row["rho_hat_mean"]):  # a classifier has no rho_hat
+            shown["rho_hat"] = f"{row['rho_hat_mean']:.4f}"
+        bar.set_postfix(shown, refresh=False)
 
     accepted = {"theta": _flatten(params)}
     interrupted = False
