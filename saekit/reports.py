@@ -57,7 +57,9 @@ def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_s
                 written.append(save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png",
                                                  image_shape=image_shape))
     if history:
-        series = {k: [row[k] for row in history] for k in ("cost", "reconstruction", "sparsity", "weight_decay")}
+        steps = [row["step"] for row in history]  # minibatch runs log every cfg.log_every steps
+        series = {k: np.array([steps, [row[k] for row in history]], dtype=np.float64)
+                  for k in ("cost", "reconstruction", "sparsity", "weight_decay")}
         chart = line_chart(series, title="Cost J and its terms", xlabel="step", ylabel="value (log scale)", log_y=True)
         written.append(save_png(chart, run_dir / "cost.png"))
     return written
