@@ -23,6 +23,7 @@ import torch
 
 from . import distributed, runs, stages, ufldl
 from .config import CLASSIFIER_FIELDS, PRESET_HELP, PRESETS, TrainConfig, build_config, dashed, field_docs
+from .data import corrupt as corrupt_rows
 from .data import load_training_data
 from .data.synthetic import recovery_score
 from .data.vectors import open_vectors
@@ -286,7 +287,11 @@ def _report(run_dir, cfg, data, model, history, interrupted, metrics, progress=T
     runs.write_json(run_dir / "metrics.json", metrics)
     initial = runs.load_model(run_dir, cfg.device, INITIAL_WEIGHTS)
     x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
-    pictures = write_pictures(run_dir, model, x, history, data.image_shape, initial)
+    corrupt = None
+    if cfg.corruption != "none":
+        generator = torch.Generator().manual_seed(cfg.seed)
+        corrupt = lambda rows: corrupt_rows(rows, cfg.corruption, cfg.corruption_level, generator)  # noqa: E731
+    pictures = write_pictures(run_dir, model, x, history, data.image_shape, initial, corrupt)
     summary = ", ".join(f"{k} {metrics[k]:.6g}" for k in REPORTED if k in metrics)
     print(summary)
     print("wrote " + ", ".join(str(p) for p in [run_dir / "metrics.json", run_dir / "weights.safetensors", *pictures]))

@@ -144,26 +144,25 @@ _PAIR_GAP = 1  # pixels between an input and its reconstruction
 _GRID_GAP = 3  # pixels between pairs: wider, so pairs read as pairs
 
 
-def side_by_side(inputs, outputs, image_shape=None, order="C", low=None, high=None) -> np.ndarray:
-    """Inputs (n, d) with their reconstructions (n, d) as a grey grid (H, W) uint8.
+def side_by_side(inputs, outputs, *more, image_shape=None, order="C", low=None, high=None) -> np.ndarray:
+    """Inputs (n, d) with their reconstructions (n, d), and any further (n, d) arrays, as a grey grid (H, W) uint8.
 
-    Each cell is a pair: input on the left, reconstruction on the right, 1 pixel apart;
-    pairs are 3 pixels apart, on ceil(sqrt(n / 2)) columns of pairs so the picture is
-    near-square. Both use one shared scale (low, high; default: min and max over both), so
-    a faded reconstruction looks faded. Gaps are mid-grey (128), as in `tile_images`.
+    Each cell is a group: input on the left, reconstruction next, then the others in order,
+    1 pixel apart; groups are 3 pixels apart, on columns enough to make the picture
+    near-square. All use one shared scale (low, high; default: min and max over all), so a
+    faded reconstruction looks faded. Gaps are mid-grey (128), as in `tile_images`.
     """
-    x = _rows(inputs, "inputs")
-    x_hat = _rows(outputs, "outputs")
-    if x.shape != x_hat.shape:
-        raise UserError(f"inputs {x.shape} and outputs {x_hat.shape} must have the same shape: "
-                        f"one reconstruction per input")
-    tiles = _shared_grey(_as_tiles(np.concatenate([x, x_hat]), image_shape, order, "inputs"),
-                         low, high)
-    n, h, w = len(x), tiles.shape[1], tiles.shape[2]
-    pairs = np.full((n, h, 2 * w + _PAIR_GAP), 128, dtype=np.uint8)
-    pairs[:, :, :w] = tiles[:n]
-    pairs[:, :, w + _PAIR_GAP:] = tiles[n:]
-    return _grid(pairs, math.isqrt((n - 1) // 2) + 1, _GRID_GAP, pad_value=128)
+    arrays = [_rows(inputs, "inputs"), _rows(outputs, "outputs")] + [_rows(a, "arrays") for a in more]
+    x = arrays[0]
+    if any(a.shape != x.shape for a in arrays[1:]):
+        raise UserError(f"inputs {x.shape} and outputs {', '.join(str(a.shape) for a in arrays[1:])} must have "
+                        f"the same shape: one reconstruction per input")
+    tiles = _shared_grey(_as_tiles(np.concatenate(arrays), image_shape, order, "inputs"), low, high)
+    n, k, h, w = len(x), len(arrays), tiles.shape[1], tiles.shape[2]
+    groups = np.full((n, h, k * w + (k - 1) * _PAIR_GAP), 128, dtype=np.uint8)
+    for i in range(k):
+        groups[:, :, i * (w + _PAIR_GAP):i * (w + _PAIR_GAP) + w] = tiles[i * n:(i + 1) * n]
+    return _grid(groups, math.isqrt((n - 1) // k) + 1, _GRID_GAP, pad_value=128)
 
 
 def upscale(img, min_size=512) -> np.ndarray:
@@ -575,6 +574,6 @@ def save_images(X, path, min_size=512, **kw) -> Path:
     return save_png(upscale(tile_images(X, **kw), min_size), path)
 
 
-def save_side_by_side(inputs, outputs, path, min_size=512, **kw) -> Path:
-    """`side_by_side(inputs, outputs, **kw)`, upscaled to at least min_size pixels, saved."""
-    return save_png(upscale(side_by_side(inputs, outputs, **kw), min_size), path)
+def save_side_by_side(inputs, outputs, path, *more, min_size=512, **kw) -> Path:
+    """`side_by_side(inputs, outputs, *more, **kw)`, upscaled to at least min_size pixels, saved."""
+    return save_png(upscale(side_by_side(inputs, outputs, *more, **kw), min_size), path)

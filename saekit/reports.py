@@ -6,6 +6,7 @@ Image pictures are drawn only when examples are images (image_shape is not None)
     decoder.png, decoder_before.png, decoder_updates.png      decoder columns W2[:, j]: what unit j writes
     inputs.png                                                the first training examples
     reconstructions.png, reconstructions_before.png           inputs beside reconstructions, after and before training
+    denoised.png                                              denoising runs: corrupted input, its reconstruction, clean input
     cost.png                                                  the cost and its terms per step
     density.png                                               feature density (minibatch runs)
 
@@ -43,8 +44,10 @@ def _weight_pictures(run_dir: Path, model, initial, image_shape) -> list[Path]:
 
 
 @torch.no_grad()
-def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None) -> list[Path]:
-    """Write the run's pictures (see the module docstring); `initial` is the model before training, if known."""
+def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None,
+                   corrupt=None) -> list[Path]:
+    """Write the run's pictures (see the module docstring); `initial` is the model before training, if
+    known; `corrupt` (rows -> corrupted rows) is a denoising run's corruption."""
     run_dir = Path(run_dir)
     written = []
     if image_shape is not None:
@@ -56,6 +59,11 @@ def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_s
                 pairs = shown[:50]
                 written.append(save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png",
                                                  image_shape=image_shape))
+        if corrupt is not None:
+            clean = shown[:50]
+            noisy = corrupt(clean)
+            written.append(save_side_by_side(_np(noisy), _np(model(noisy).x_hat), run_dir / "denoised.png", _np(clean),
+                                             image_shape=image_shape))
     if history:
         steps = [row["step"] for row in history]  # minibatch runs log every cfg.log_every steps
         series = {k: np.array([steps, [row[k] for row in history]], dtype=np.float64)

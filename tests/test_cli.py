@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 import safetensors.torch
@@ -20,6 +21,7 @@ from saekit.cli import main
 from saekit.config import TrainConfig, dashed, field_docs
 from saekit.data.images import natural_image_patches
 from saekit.model import SparseAutoencoder
+from saekit.pictures import side_by_side
 
 TINY = ["--n-examples", "500", "--max-iter", "10", "--n-hidden", "9", "--no-progress"]
 PICTURES = ["features.png", "inputs.png", "reconstructions.png", "cost.png", "decoder.png", "features_before.png",
@@ -41,6 +43,16 @@ def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     assert run(["train", *TINY, "--out", str(run_dir)]) == 0
     return run_dir
+
+
+def test_a_denoising_run_draws_corrupted_denoised_and_clean(tmp_path, trained):
+    assert not (trained / "denoised.png").exists()
+    run_dir = tmp_path / "denoising"
+    assert run(["train", *TINY, "--corruption", "mask", "--corruption-level", "0.5", "--out", str(run_dir)]) == 0
+    img = np.asarray(Image.open(run_dir / "denoised.png"))
+    groups = side_by_side(*[np.zeros((50, 64))] * 3, image_shape=(8, 8))  # 50 triples of 8x8 tiles
+    k = img.shape[0] // groups.shape[0]
+    assert img.shape[:2] == (k * groups.shape[0], k * groups.shape[1])
 
 
 def _history(run_dir):

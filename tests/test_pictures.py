@@ -152,14 +152,24 @@ def test_tile_images_with_one_bound_takes_the_other_from_the_data():
 
 # ---------------------------------------------------------------------------- side_by_side
 
+@pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("n", list(range(1, 30)))
-def test_side_by_side_geometry(n):
+def test_side_by_side_geometry(n, k):
     h, w = 2, 3
-    cols = math.ceil(math.sqrt(n / 2))  # near-square: pairs are twice as wide as tall
+    cols = math.ceil(math.sqrt(n / k))  # near-square: groups of k are k times as wide as tall
     rows = math.ceil(n / cols)
-    img = side_by_side(np.zeros((n, h * w)), np.ones((n, h * w)), image_shape=(h, w))
-    pair_w = 2 * w + 1
-    assert img.shape == (3 + rows * (h + 3), 3 + cols * (pair_w + 3))
+    arrays = [np.full((n, h * w), float(i)) for i in range(k)]
+    img = side_by_side(*arrays, image_shape=(h, w))
+    group_w = k * w + (k - 1)
+    assert img.shape == (3 + rows * (h + 3), 3 + cols * (group_w + 3))
+
+
+def test_side_by_side_puts_further_arrays_after_the_reconstruction():
+    a, b, c = np.zeros((1, 4)), np.full((1, 4), 1.0), np.full((1, 4), 2.0)  # 2x2 tiles: 0, 128, 255
+    img = side_by_side(a, b, c)
+    tiles = [img[3:5, 3 + i * 3:5 + i * 3] for i in range(3)]
+    assert [int(t.mean()) for t in tiles] == [0, 128, 255]
+    assert (img[3:5, 5] == 128).all() and (img[3:5, 8] == 128).all()  # 1-pixel gaps inside the group
 
 
 def test_side_by_side_places_input_then_reconstruction_on_one_scale():
@@ -181,6 +191,8 @@ def test_side_by_side_places_input_then_reconstruction_on_one_scale():
 def test_side_by_side_needs_matching_shapes():
     with pytest.raises(UserError, match="same shape"):
         side_by_side(np.zeros((3, 4)), np.zeros((2, 4)))
+    with pytest.raises(UserError, match="same shape"):
+        side_by_side(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 5)))
 
 
 # ---------------------------------------------------------------------------- upscale
