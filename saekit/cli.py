@@ -14,6 +14,7 @@ A mistake the user can fix prints one line `saekit: error: ...` and exits with s
 
 import argparse
 import dataclasses
+import functools
 import sys
 import types
 from pathlib import Path
@@ -289,8 +290,8 @@ def _report(run_dir, cfg, data, model, history, interrupted, metrics, progress=T
     x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
     corrupt = None
     if cfg.corruption != "none":
-        generator = torch.Generator().manual_seed(cfg.seed)
-        corrupt = lambda rows: corrupt_rows(rows, cfg.corruption, cfg.corruption_level, generator)  # noqa: E731
+        corrupt = functools.partial(corrupt_rows, kind=cfg.corruption, level=cfg.corruption_level,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
     pictures = write_pictures(run_dir, model, x, history, data.image_shape, initial, corrupt)
     summary = ", ".join(f"{k} {metrics[k]:.6g}" for k in REPORTED if k in metrics)
     print(summary)

@@ -75,6 +75,7 @@ def save_config(run_dir, cfg: TrainConfig, preset: str, command: list[str] | Non
 
 
 def load_config(run_dir) -> TrainConfig:
+    """The TrainConfig a run folder was trained with (its config.json)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a saekit run folder (it has no config.json); give a folder `saekit train` wrote.")
