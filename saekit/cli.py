@@ -186,9 +186,7 @@ def _announce(run_dir, cfg, data, model, done: int, total: int, unit: str) -> No
               + (f", {distributed.world_size()} processes" if distributed.is_distributed() else ""), flush=True)
 
 
-def cmd_train(args) -> int:
-    # Under torchrun, join the other processes first: only the first one writes the run folder.
-    distributed.init_from_environment(args.device or "cpu")
+def _train(args) -> int:
     cfg, run_dir = _config(args)
     resumed = run_dir is not None
     if cfg.tensorboard:
@@ -202,6 +200,18 @@ def cmd_train(args) -> int:
                          args.argv)
     train = _train_full_batch if cfg.optimizer == "lbfgs" else _train_minibatch
     return train(args, run_dir, cfg, resumed, data)
+
+
+def cmd_train(args) -> int:
+    # Under torchrun, join the other processes first: only the first one writes the run folder.
+    distributed.init_from_environment(args.device or "cpu")
+    try:
+        code = _train(args)
+    except BaseException:
+        distributed.shutdown(None)
+        raise
+    distributed.shutdown(code)
+    return code
 
 
 def _train_full_batch(args, run_dir, cfg, resumed, data) -> int:
