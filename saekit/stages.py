@@ -60,7 +60,6 @@ def classify(run_dir: Path, cfg: TrainConfig, layers: list, x: torch.Tensor, lab
                   "accuracy": features["accuracy"], "accuracy_raw_pixels": pixels["accuracy"],
                   "features": _summary(features), "raw_pixels": _summary(pixels)}
         save_confusion_png(features, run_dir / "confusion.png", "Self-taught learning: softmax on the learned features")
-        runs.save_classifier(run_dir, model, names[:n_classes])
     else:
         test = load_test_data(cfg)
         digits = parse_digits(cfg.digits)
@@ -78,7 +77,7 @@ def classify(run_dir: Path, cfg: TrainConfig, layers: list, x: torch.Tensor, lab
             result.update({"fine_tuned": _summary(after), "accuracy_before_fine_tuning": before["accuracy"],
                            "accuracy": after["accuracy"]})
             save_confusion_png(after, run_dir / "confusion_fine_tuned.png", "After fine-tuning the encoders")
-        runs.save_classifier(run_dir, model, names[:n_classes])
+    runs.save_classifier(run_dir, model, names[:n_classes])
     result["settings"] = {name: getattr(cfg, name) for name in CLASSIFIER_FIELDS}
     runs.write_json(run_dir / "classification.json", result)
     return result
