@@ -10,7 +10,7 @@ on the values.
 For float64 and float32 it times
   (a) saekit.ufldl.sparse_autoencoder_cost, data (784, m) Fortran-ordered (as its docstring
       advises) and C-ordered;
-  (b) saekit.classic.cost_and_grad on a SparseAutoencoder's own parameters (the training step);
+  (b) saekit.kernels.classic.cost_and_grad on a SparseAutoencoder's own parameters (the training step);
   (c) plain NumPy: the UFLDL formulas vectorized the obvious way, one example per column;
   (d) the peak: the five matrix products of one evaluation, each timed alone, the fastest of
       NumPy (OpenBLAS) and PyTorch (MKL), computing C or C^T; their sum is the least time the
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info
 
-from saekit import classic, ufldl
+from saekit import ufldl
 from saekit.data.idx import load_digits
 from saekit.errors import UserError
-from saekit.model import SparseAutoencoder
+from saekit.kernels import classic
+from saekit.kinds import build, config
+from saekit.kinds.penalties import kl_term
 
 M, N_IN, N_HID = 10_000, 784, 196
 LAMBDA, RHO, BETA = 3e-3, 0.1, 3.0  # UFLDL's MNIST settings
@@ -98,15 +100,17 @@ def peak_products(dtype: torch.dtype) -> dict:
     for name, (a, b) in products.items():
         for orientation, (left, right) in (("C", (a, b)), ("C^T", (b.t(), a.t()))):
             out = torch.empty(left.shape[0], right.shape[1], dtype=dtype)
-            timed[f"numpy {orientation} {name}"] = lambda l=left, r=right, o=out: np.matmul(l.numpy(), r.numpy(), out=o.numpy())
-            timed[f"torch {orientation} {name}"] = lambda l=left, r=right, o=out: torch.mm(l, r, out=o)
+            timed[f"numpy {orientation} {name}"] = lambda a_=left, b_=right, o=out: np.matmul(
+                a_.numpy(), b_.numpy(), out=o.numpy()
+            )
+            timed[f"torch {orientation} {name}"] = lambda a_=left, b_=right, o=out: torch.mm(a_, b_, out=o)
     return timed
 
 
 def candidates(rows: np.ndarray, dtype: torch.dtype) -> dict:
     """The timed evaluations; each returns (cost, [grad W1, b1, W2, b2]) for the comparison."""
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    model = SparseAutoencoder(N_IN, N_HID, dtype=dtype, seed=0)
+    model = build(config("sigmoid", n_hidden=N_HID), N_IN, dtype=dtype, seed=0)
     W1, b1, W2, b2 = (p.detach().numpy() for p in (model.W1, model.b1, model.W2, model.b2))
     x = torch.from_numpy(rows.astype(np_dtype))  # (m, 784), examples in rows
     data_f = np.asfortranarray(rows.T.astype(np_dtype))  # (784, m) Fortran-ordered: data_f.T is x's layout
@@ -117,7 +121,7 @@ def candidates(rows: np.ndarray, dtype: torch.dtype) -> dict:
 
     def model_step():
         result, state["workspace"] = classic.cost_and_grad(
-            model.W1, model.b1, model.W2, model.b2, x, LAMBDA, RHO, BETA, workspace=state["workspace"]
+            model.W1, model.b1, model.W2, model.b2, x, LAMBDA, kl_term(RHO, BETA), workspace=state["workspace"]
         )
         return result.cost, [g.numpy() for g in result.grads]
 
@@ -170,25 +174,31 @@ def run(rows: np.ndarray, dtype: torch.dtype, repeats: int) -> None:
     print(f"\n{dtype}  ({GFLOP:.2f} GFLOP per evaluation)")
     print("  matrix products alone, ms (median / best), as C = A B and as C^T = B^T A^T:")
     for p in _product_names(products):
-        cells = [f"{lib} {o:3s} {summary(f'{lib} {o} {p}')[0] * 1e3:6.1f} / {summary(f'{lib} {o} {p}')[1] * 1e3:6.1f}"
-                 for lib, o in ways]
+        cells = [
+            f"{lib} {o:3s} {summary(f'{lib} {o} {p}')[0] * 1e3:6.1f} / {summary(f'{lib} {o} {p}')[1] * 1e3:6.1f}"
+            for lib, o in ways
+        ]
         print(f"    {p:28s} " + "   ".join(cells))
     print(f"  {'':36s}  median ms  best ms  GFLOP/s  % of peak    x NumPy   grad rel. diff  cost rel. diff")
     print(f"  {'':36s}  {'':9s}  {'':7s}  (median)  median/best  median/best")
     table = {"(d) peak: the five products alone": (peak_median, peak_best), **{name: summary(name) for name in timed}}
     for name, (med, best) in table.items():
-        line = (f"  {name:36s}  {med * 1e3:9.1f}  {best * 1e3:7.1f}  {GFLOP / med:7.1f}"
-                f"  {100 * peak_median / med:4.0f}/{100 * peak_best / best:3.0f}%"
-                f"  {base_median / med:5.2f}/{base_best / best:4.2f}x")
+        line = (
+            f"  {name:36s}  {med * 1e3:9.1f}  {best * 1e3:7.1f}  {GFLOP / med:7.1f}"
+            f"  {100 * peak_median / med:4.0f}/{100 * peak_best / best:3.0f}%"
+            f"  {base_median / med:5.2f}/{base_best / best:4.2f}x"
+        )
         if name in outputs and name != "(c) plain NumPy":
             cost, grads = outputs[name]
             line += f"  {max_relative_difference(grads, reference):14.1e}  {abs(cost - ref_cost) / abs(ref_cost):14.1e}"
         print(line)
     med, best = summary("(b) classic.cost_and_grad (model)")
     fraction = peak_median / med
-    print(f"  verdict, {dtype}: cost_and_grad at {100 * fraction:.0f}% of peak and {base_median / med:.2f}x plain NumPy"
-          f" by medians ({100 * peak_best / best:.0f}%, {base_best / best:.2f}x by bests); goal >= {100 * GOAL:.0f}% of"
-          f" peak, here {GOAL * base_median / peak_median:.2f}x NumPy: {'MET' if fraction >= GOAL else 'NOT MET'}")
+    print(
+        f"  verdict, {dtype}: cost_and_grad at {100 * fraction:.0f}% of peak and {base_median / med:.2f}x plain NumPy"
+        f" by medians ({100 * peak_best / best:.0f}%, {base_best / best:.2f}x by bests); goal >= {100 * GOAL:.0f}% of"
+        f" peak, here {GOAL * base_median / peak_median:.2f}x NumPy: {'MET' if fraction >= GOAL else 'NOT MET'}"
+    )
 
 
 def main() -> None:
@@ -201,7 +211,10 @@ def main() -> None:
     random.seed(0)
     blas = ", ".join(f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info())
     print(f"data: {source}; m={M}, {N_IN} inputs, {N_HID} hidden; {args.repeats} repeats")
-    print(f"threads: torch {torch.get_num_threads()}; {blas}; load average {os.getloadavg()[0]:.1f} (other processes skew times)")
+    print(
+        f"threads: torch {torch.get_num_threads()}; {blas}; load average {os.getloadavg()[0]:.1f} "
+        "(other processes skew times)"
+    )
     for dtype in (torch.float64, torch.float32):
         run(rows, dtype, args.repeats)
 

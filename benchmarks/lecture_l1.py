@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from saekit.config import build_config
-from saekit.model import SparseAutoencoder
-from saekit.penalties import L1Penalty
-from saekit.training import Minibatch
 from saekit.data.vectors import open_vectors
+from saekit.kinds import build
+from saekit.kinds.penalties import L1Penalty
+from saekit.train import Minibatch
 
 
 def load_digits(n: int) -> tuple[torch.Tensor, str]:
@@ -57,8 +57,8 @@ def lecture_epoch(x: torch.Tensor, batch: int, lr: float, l1_weight: float, enco
 
 
 def saekit_epoch(x: torch.Tensor, cfg) -> float:
-    model = SparseAutoencoder(784, cfg.n_hidden, dtype=torch.float32, seed=0)
-    trainer = Minibatch(model, open_vectors(x), cfg)
+    model = build(cfg.model, 784, dtype=torch.float32, seed=0)
+    trainer = Minibatch(model, open_vectors(x), cfg.optim)
     started = time.perf_counter()
     trainer.run(progress=False)
     return time.perf_counter() - started
@@ -71,16 +71,20 @@ def main():
     args = parser.parse_args()
     x, source = load_digits(args.examples)
     cfg = build_config("lecture-l1", overrides={"epochs": 1, "n_examples": args.examples})
-    print(f"data: {x.shape[0]} x {x.shape[1]} from {source}; 784-{cfg.n_hidden}-784, batch {cfg.batch_size}, "
-          f"float32, {torch.get_num_threads()} threads")
+    print(
+        f"data: {x.shape[0]} x {x.shape[1]} from {source}; 784-{cfg.model.n_hidden}-784, batch {cfg.optim.batch_size}, "
+        f"float32, {torch.get_num_threads()} threads"
+    )
     torch.manual_seed(0)
-    encoder = nn.Sequential(nn.Linear(784, cfg.n_hidden), nn.Sigmoid())
-    decoder = nn.Sequential(nn.Linear(cfg.n_hidden, 784), nn.Sigmoid())
+    encoder = nn.Sequential(nn.Linear(784, cfg.model.n_hidden), nn.Sigmoid())
+    decoder = nn.Sequential(nn.Linear(cfg.model.n_hidden, 784), nn.Sigmoid())
     times = {"lecture (plain PyTorch autograd)": [], "saekit": []}
-    lecture_epoch(x, cfg.batch_size, cfg.lr, 0.1, encoder, decoder)  # warm-up
-    saekit_epoch(x[: 4 * cfg.batch_size], cfg)
+    lecture_epoch(x, cfg.optim.batch_size, cfg.optim.lr, 0.1, encoder, decoder)  # warm-up
+    saekit_epoch(x[: 4 * cfg.optim.batch_size], cfg)
     for _ in range(args.epochs):
-        times["lecture (plain PyTorch autograd)"].append(lecture_epoch(x, cfg.batch_size, cfg.lr, 0.1, encoder, decoder))
+        times["lecture (plain PyTorch autograd)"].append(
+            lecture_epoch(x, cfg.optim.batch_size, cfg.optim.lr, 0.1, encoder, decoder)
+        )
         times["saekit"].append(saekit_epoch(x, cfg))
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():

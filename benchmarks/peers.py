@@ -82,7 +82,6 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -220,8 +219,8 @@ class RowSequences(torch.utils.data.Dataset):
 
 
 def train_sparsify(X_train, args, workdir):
-    from sparsify import SaeConfig, Trainer, TrainConfig
     import sparsify.utils
+    from sparsify import SaeConfig, TrainConfig, Trainer
 
     # sparsify counts its batch in sequences: group rows so a batch is still `batch` rows.
     seq = math.gcd(args.batch, 64)
@@ -252,12 +251,8 @@ def train_saelens(X_train, args, workdir):
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=args.d, d_sae=args.width, k=args.k, dtype="float32", device="cpu")
-    )
-    cfg = SAETrainerConfig(
-        total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch
-    )
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d, d_sae=args.width, k=args.k, dtype="float32", device="cpu"))
+    cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch)
     cfg.lr_end = cfg.lr / 10  # as LanguageModelSAERunnerConfig sets it
     trainer = SAETrainer(cfg, sae, data_provider=batches(X_train, args.steps, args.batch))
     trainer.fit()
@@ -271,11 +266,18 @@ def train_dictionary_learning(X_train, args, workdir):
     from dictionary_learning.training import trainSAE
 
     config = dict(
-        trainer=TopKTrainer, steps=args.steps, activation_dim=args.d, dict_size=args.width,
-        k=args.k, layer=0, lm_name="synthetic", warmup_steps=0, device="cpu", seed=0,
+        trainer=TopKTrainer,
+        steps=args.steps,
+        activation_dim=args.d,
+        dict_size=args.width,
+        k=args.k,
+        layer=0,
+        lm_name="synthetic",
+        warmup_steps=0,
+        device="cpu",
+        seed=0,
     )
-    trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps,
-             save_dir=workdir, device="cpu")
+    trainSAE(batches(X_train, args.steps, args.batch), [config], steps=args.steps, save_dir=workdir, device="cpu")
     # trainSAE returns nothing: read the trained model back the way its users do.
     ae = AutoEncoderTopK.from_pretrained(os.path.join(workdir, "trainer_0", "ae.pt"))
     with open(os.path.join(workdir, "trainer_0", "config.json")) as f:
@@ -341,8 +343,13 @@ def run_one(name, args):
     if max(load) > os.cpu_count():
         notes += f"; machine busy: 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores"
     return {
-        "name": name, "version": version, "fvu": fvu(reconstruct, X_heldout),
-        "steps": timing["timed_steps"] + 1, "notes": notes, **timing, "load_avg": load,
+        "name": name,
+        "version": version,
+        "fvu": fvu(reconstruct, X_heldout),
+        "steps": timing["timed_steps"] + 1,
+        "notes": notes,
+        **timing,
+        "load_avg": load,
     }
 
 
@@ -367,10 +374,17 @@ def run_child(name, args):
         print(f"--- {name} failed ({rc}):\n{tail}", file=sys.stderr)
         last = [line for line in tail.strip().splitlines() if line.strip()][-1:] or ["no output"]
         return {
-            "name": name, "version": package_version(name), "samples_per_s": None, "fvu": None,
-            "steps": 0, "notes": f"failed ({rc}): {last[0]}", "samples_per_s_mean": None,
+            "name": name,
+            "version": package_version(name),
+            "samples_per_s": None,
+            "fvu": None,
+            "steps": 0,
+            "notes": f"failed ({rc}): {last[0]}",
+            "samples_per_s_mean": None,
             "samples_per_cpu_s": None,
-            "timed_steps": 0, "seconds": None, "load_avg": None,
+            "timed_steps": 0,
+            "seconds": None,
+            "load_avg": None,
         }
 
 
@@ -383,11 +397,10 @@ def package_version(name):
 
 
 def cpu_name():
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor()
 
 
@@ -451,9 +464,17 @@ def main():
         print(f"training {name} ...", file=sys.stderr, flush=True)
         rows.append(run_child(name, args))
     config = {
-        "data": os.path.abspath(args.data), "n_rows": n_rows, "d": args.d, "heldout": args.heldout,
-        "width": args.width, "k": args.k, "batch": args.batch, "steps": args.steps,
-        "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+        "data": os.path.abspath(args.data),
+        "n_rows": n_rows,
+        "d": args.d,
+        "heldout": args.heldout,
+        "width": args.width,
+        "k": args.k,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "cpu": cpu_name(),
     }
     print_table(rows)

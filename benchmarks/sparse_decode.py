@@ -5,11 +5,11 @@
 All three compute x_hat (B, d) from k-sparse codes (values, indices) and atoms W (n, d), and
 the gradients with respect to values and W for a fixed grad_out:
 
-- sparse:      saekit.sparse_decode (embedding_bag and its own backward), cost B·k·d;
+- sparse:      saekit.kernels.sparse (embedding_bag and its own backward), cost B·k·d;
 - dense:       dense_codes(values, indices, n) @ W with autograd, cost B·n·d (three matmuls);
 - handwritten: embedding_bag forward, backward by hand as a gather + batched dot for the
                values and index_add_ for W, the alternative to embedding_bag's backward that
-               saekit.sparse_decode does not use.
+               saekit.kernels.sparse does not use.
 
 Medians of `repeats` runs after one warm-up. The machine may be shared and noisy: compare
 ratios within one run, not times across runs.
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from saekit.sparse_decode import dense_codes, sparse_decode, topk_codes
+from saekit.kernels.sparse import dense_codes, sparse_decode, topk_codes
 
 
 def sparse_step(values, indices, W, grad_out):
@@ -76,10 +76,14 @@ def main():
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
-          f"median of {args.repeats} forward+backward runs")
-    print(f"{'B':>5} {'n':>6} {'d':>4} {'k':>3} | {'sparse':>9} {'dense':>9} {'handwritten':>11} | "
-          f"{'dense/sparse':>12} {'hand/sparse':>11} | max |grad diff|")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+        f"median of {args.repeats} forward+backward runs"
+    )
+    print(
+        f"{'B':>5} {'n':>6} {'d':>4} {'k':>3} | {'sparse':>9} {'dense':>9} {'handwritten':>11} | "
+        f"{'dense/sparse':>12} {'hand/sparse':>11} | max |grad diff|"
+    )
     B, d, k = 4096, 512, 32
     for n in (4096, 16384):
         inputs = make_inputs(B, n, d, k)
@@ -89,8 +93,10 @@ def main():
         grads = [[g.clone() for g in step(*fresh(inputs))] for step in steps]
         diff = max((a - b).abs().max().item() for other in grads[1:] for a, b in zip(grads[0], other))
         s, de, h = seconds
-        print(f"{B:>5} {n:>6} {d:>4} {k:>3} | {s * 1e3:7.1f}ms {de * 1e3:7.0f}ms {h * 1e3:9.0f}ms | "
-              f"{de / s:11.1f}x {h / s:10.1f}x | {diff:.1e}")
+        print(
+            f"{B:>5} {n:>6} {d:>4} {k:>3} | {s * 1e3:7.1f}ms {de * 1e3:7.0f}ms {h * 1e3:9.0f}ms | "
+            f"{de / s:11.1f}x {h / s:10.1f}x | {diff:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """TopK dictionary training: saekit against the trainers a user would otherwise pick, same data, same run.
 
-saekit's trainer (`saekit.training.Minibatch`, the `topk` preset) trains a TopK dictionary on a
+saekit's trainer (`saekit.train.Minibatch`, the `topk` preset) trains a TopK dictionary on a
 .npy file of vectors; then `benchmarks/peers.py` trains sparsify, SAELens, dictionary_learning
 and a plain-PyTorch dense-decoding reference on the same file, in their own virtual
 environment (they are never saekit's dependencies). Each row reports samples per second (the
@@ -30,9 +30,9 @@ import torch
 
 from saekit.config import build_config
 from saekit.data.vectors import ArraySource
-from saekit.metrics import evaluate_stream
-from saekit.model import SparseAutoencoder
-from saekit.training import Minibatch
+from saekit.eval import evaluate_stream
+from saekit.kinds import build
+from saekit.train import Minibatch
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,36 +40,70 @@ HERE = Path(__file__).resolve().parent
 def run_saekit(path: Path, args) -> dict:
     rows = np.load(path, mmap_mode="r")
     n_train = rows.shape[0] - args.heldout
-    cfg = build_config("topk", overrides={
-        "data": str(path), "n_hidden": args.width, "k": args.k, "steps": args.steps, "batch_size": args.batch,
-        "aux_k": 256, "dead_after": 10 * args.batch, "lr": args.lr, "log_every": args.steps,
-        "checkpoint_every": 10**9, "autocast": args.autocast})
-    model = SparseAutoencoder(rows.shape[1], args.width, "topk", "linear", dtype=torch.float32, k=args.k,
-                              pre_bias=True, tied_init=True)
-    trainer = Minibatch(model, ArraySource(rows[:n_train]), cfg)
+    cfg = build_config(
+        "topk",
+        overrides={
+            "data": str(path),
+            "n_hidden": args.width,
+            "k": args.k,
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "aux_k": 256,
+            "dead_after": 10 * args.batch,
+            "lr": args.lr,
+            "log_every": args.steps,
+            "checkpoint_every": 10**9,
+            "autocast": args.autocast,
+        },
+    )
+    model = build(cfg.model, rows.shape[1], dtype=torch.float32, seed=cfg.run.seed)
+    trainer = Minibatch(model, ArraySource(rows[:n_train]), cfg.optim, seed=cfg.run.seed)
     ends = []
     trainer.optimizer.register_step_post_hook(lambda *_: ends.append(time.perf_counter()))
     trainer.run(progress=False)
     step_seconds = np.diff(ends)  # step 2..N: the first step (warm-up) has no start mark
-    final = model.fold_input_scale(trainer.scale)
+    final = model.folded(trainer.scale)
     metrics, _ = evaluate_stream(final, ArraySource(rows[n_train:]))
     notes = f"Adam lr {args.lr:g}, AuxK 256, geometric-median b_dec, unit-norm decoder, inputs scaled"
-    return {"name": "saekit" + (f" ({args.autocast} matmul)" if args.autocast != "none" else ""),
-            "samples_per_s": args.batch / statistics.median(step_seconds), "fvu": metrics["fvu"],
-            "steps": trainer.step, "notes": notes}
+    return {
+        "name": "saekit" + (f" ({args.autocast} matmul)" if args.autocast != "none" else ""),
+        "samples_per_s": args.batch / statistics.median(step_seconds),
+        "fvu": metrics["fvu"],
+        "steps": trainer.step,
+        "notes": notes,
+    }
 
 
 def run_peers(path: Path, args) -> list[dict]:
     if not args.peers_python or not Path(args.peers_python).exists():
-        print(f"peers not run: no peers' python at {args.peers_python!r}; make one with\n"
-              "  python3 -m venv PEERS && PEERS/bin/pip install torch==2.13.0 eai-sparsify sae-lens dictionary-learning\n"
-              "and pass --peers-python PEERS/bin/python")
+        print(
+            f"peers not run: no peers' python at {args.peers_python!r}; make one with\n"
+            "  python3 -m venv PEERS && PEERS/bin/pip install torch==2.13.0 eai-sparsify sae-lens dictionary-learning\n"
+            "and pass --peers-python PEERS/bin/python"
+        )
         return []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
-        command = [args.peers_python, str(HERE / "peers.py"), "--data", str(path), "--json", str(out),
-                   "--width", str(args.width), "--k", str(args.k), "--d", str(args.d), "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--heldout", str(args.heldout)]
+        command = [
+            args.peers_python,
+            str(HERE / "peers.py"),
+            "--data",
+            str(path),
+            "--json",
+            str(out),
+            "--width",
+            str(args.width),
+            "--k",
+            str(args.k),
+            "--d",
+            str(args.d),
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--heldout",
+            str(args.heldout),
+        ]
         subprocess.run(command, check=False)
         if not out.exists():
             print("peers.py wrote no results; see its output above")
@@ -94,8 +128,10 @@ def main():
     if not path.exists():
         maker = args.peers_python if args.peers_python and Path(args.peers_python).exists() else sys.executable
         subprocess.run([maker, str(HERE / "peers.py"), "--make-data", str(path), "--d", str(args.d)], check=True)
-    print(f"data {path}, width {args.width}, k {args.k}, batch {args.batch}, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"data {path}, width {args.width}, k {args.k}, batch {args.batch}, {args.steps} steps, "
+        f"{torch.get_num_threads()} threads"
+    )
     rows = [run_saekit(path, args)]
     rows += run_peers(path, args)
     ours = rows[0]["samples_per_s"]

@@ -1,8 +1,11 @@
 """Writing files so that nothing is ever half-written: a temporary file in the same folder, then a rename."""
 
+import json
 import os
 import uuid
 from pathlib import Path
+
+from .errors import UserError
 
 
 def atomic_write(path, data: bytes) -> Path:
@@ -23,3 +26,19 @@ def atomic_write(path, data: bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json(path, obj) -> Path:
+    """obj as indented JSON, atomically."""
+    return atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path):
+    """The JSON at path; a missing or corrupt file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; is {path.parent} a saekit run folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); the run folder cannot be read.") from None

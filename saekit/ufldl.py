@@ -7,7 +7,7 @@ A person following the UFLDL tutorial can use these functions in place of their 
   theta moves between saekit and MATLAB/Octave unchanged;
 - sample_images and display_network flatten patches column-major, as MATLAB's patch(:) does.
 
-The work is done by saekit's own vectorized cost (`saekit.classic`); this module only converts
+The work is done by saekit's own vectorized cost (`saekit.kernels.classic`); this module only converts
 layouts, which costs no copy of the data when it is passed Fortran-ordered (np.asfortranarray),
 the layout MATLAB itself uses.
 """
@@ -15,10 +15,11 @@ the layout MATLAB itself uses.
 import numpy as np
 import torch
 
-from . import classic
 from .data.images import natural_image_patches
 from .errors import UserError
-from .pictures import save_png, tile_filters
+from .kernels import classic
+from .kinds.penalties import kl_term
+from .viz.pictures import save_png, tile_filters
 
 _workspace = None  # reused buffers of the last problem shape (see classic.Workspace)
 
@@ -66,12 +67,14 @@ def sparse_autoencoder_cost(theta, visible_size, hidden_size, lambda_, sparsity_
     dtype = np.float32 if theta.dtype == data.dtype == np.float32 else np.float64
     theta, data = theta.astype(dtype, copy=False), data.astype(dtype, copy=False)
     if data.ndim != 2 or data.shape[0] != visible_size:
-        raise UserError(f"data has shape {data.shape}; it must be (visible_size={visible_size}, m), one example per column.")
+        raise UserError(
+            f"data has shape {data.shape}; it must be (visible_size={visible_size}, m), one example per column."
+        )
     if not (0 < sparsity_param < 1) or not beta >= 0 or not lambda_ >= 0:  # `not >=` also refuses NaN
         raise UserError("need 0 < sparsity_param < 1, beta >= 0 and lambda_ >= 0.")
     W1, W2, b1, b2 = (torch.from_numpy(a) for a in _split_theta(theta, visible_size, hidden_size))
     result, _workspace = classic.cost_and_grad(
-        W1, b1, W2, b2, torch.from_numpy(data.T), lambda_, sparsity_param, beta, workspace=_workspace
+        W1, b1, W2, b2, torch.from_numpy(data.T), lambda_, kl_term(sparsity_param, beta), workspace=_workspace
     )
     grad_W1, grad_b1, grad_W2, grad_b2 = (g.numpy() for g in result.grads)
     return result.cost, pack_theta(grad_W1, grad_W2, grad_b1, grad_b2)

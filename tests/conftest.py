@@ -5,6 +5,7 @@ gradient, no clamping), so tests can compare saekit's numbers with it and differ
 autograd. It is the yardstick; nothing in it comes from saekit.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def assert_one_line_error(code, err, *words):
 
 
 def find_mnist_dir() -> Path:
-    """The folder holding mnist/ (SAEKIT_DATA_DIR, or ../shared/data beside the repository); skips the test otherwise."""
+    """The folder holding mnist/ (SAEKIT_DATA_DIR, or ../shared/data beside the repository); else skips the test."""
     for candidate in (os.environ.get("SAEKIT_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):
         if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
             return Path(candidate)
@@ -60,7 +61,10 @@ def reference_cost(*args, **kw):
 def random_problem(m=7, n_in=6, n_hidden=4, dtype=torch.float64, seed=0, scale=0.5):
     """Random weights and data in (0, 1): (W1, b1, W2, b2, x) with W2 (n_in, n_hidden) contiguous."""
     g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     W1, b1 = scale * randn(n_hidden, n_in), 0.1 * randn(n_hidden)
     W2, b2 = scale * randn(n_in, n_hidden), 0.1 * randn(n_in)
     x = torch.rand(m, n_in, generator=g, dtype=torch.float64) * 0.8 + 0.1
@@ -73,3 +77,22 @@ def patches():
     from saekit.data.images import natural_image_patches
 
     return natural_image_patches(500, 8, seed=0)
+
+
+def make_model(
+    n_inputs: int,
+    n_hidden: int,
+    kind: str = "sigmoid",
+    output: str = "sigmoid",
+    *,
+    dtype=torch.float64,
+    seed: int | None = 0,
+    **settings,
+):
+    """A saekit model built as the library builds it (saekit.kinds.build), for tests. Settings the
+    kind does not have (k for a sigmoid kind, say) are left out, so one call serves every kind."""
+    from saekit.kinds import KINDS, build, config
+
+    known = {f.name for f in dataclasses.fields(KINDS[kind].Config)}
+    settings = {name: value for name, value in settings.items() if name in known}
+    return build(config(kind, n_hidden=n_hidden, output=output, **settings), n_inputs, dtype=dtype, seed=seed)

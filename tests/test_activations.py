@@ -1,19 +1,34 @@
-"""saekit.activations through SparseAutoencoder: TopK / BatchTopK codes and their k-sparse backward
-(AuxK codes included) against a dense autograd reference written here with dense masks; BatchTopK's
-budget, widening loop and threshold; JumpReLU's forward and straight-through gradients by hand."""
+"""The sparse kinds of saekit.kinds (topk, batchtopk, jumprelu) and saekit.kernels.sparse.sparse_encode:
+TopK / BatchTopK codes and their k-sparse backward (the TopK forward's AuxK loss and sparse_encode's
+AuxK codes included) against a dense autograd reference written here with dense masks; BatchTopK's
+budget, widening loop and threshold (saekit.kinds.batchtopk.BatchSelection); JumpReLU's forward and
+straight-through gradients by hand (saekit.kinds.jumprelu.Threshold)."""
 
 import pytest
 import torch
+from conftest import make_model
 
-from saekit.activations import BatchTopK, JumpReLU
-from saekit.model import SparseAutoencoder
+from saekit.kernels.sparse import sparse_encode
+from saekit.kinds.batchtopk import BatchSelection
+from saekit.kinds.jumprelu import Threshold
 
 D, N_HIDDEN, BATCH, K = 16, 64, 12, 4
+AUX_COEFFICIENT = 0.25
 
 
-def _model(activation, pre_bias, seed=0):
+def _model(activation, pre_bias, seed=0, aux_k=0):
     """A float64 model with non-zero biases, so that pre_bias matters."""
-    model = SparseAutoencoder(D, N_HIDDEN, activation, "linear", seed=seed, k=K, pre_bias=pre_bias)
+    model = make_model(
+        D,
+        N_HIDDEN,
+        activation,
+        "linear",
+        seed=seed,
+        k=K,
+        pre_bias=pre_bias,
+        aux_k=aux_k,
+        aux_coefficient=AUX_COEFFICIENT,
+    )
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         model.b1.copy_(0.1 * torch.randn(N_HIDDEN, generator=g, dtype=torch.float64))
@@ -52,9 +67,12 @@ def _params(model):
 
 
 def _loss_weights(seed=5):
-    """Fixed random weights c (batch, D) and target y: L = sum(c * x_hat) + 0.5 ||x_hat - y||^2 tests every direction."""
+    """Fixed random weights c (batch, D) and target y: L = sum(c * x_hat) + 0.5 ||x_hat - y||^2 tests every
+    direction."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(BATCH, D, generator=g, dtype=torch.float64), torch.randn(BATCH, D, generator=g, dtype=torch.float64)
+    return torch.randn(BATCH, D, generator=g, dtype=torch.float64), torch.randn(
+        BATCH, D, generator=g, dtype=torch.float64
+    )
 
 
 # --- TopK / BatchTopK codes against a dense reference -------------------------------------------
@@ -69,10 +87,10 @@ def test_codes_equal_a_dense_reference(activation, pre_bias):
         z2 = _reference_z2(_params(model), x, pre_bias)
     mask = _topk_mask(z2, K) if activation == "topk" else _batch_topk_mask(z2, K)
     expected = (z2.relu() * mask).detach()
-    assert torch.allclose(_dense(out.h.values, out.h.indices), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(_dense(out.codes.values, out.codes.indices), expected, rtol=0, atol=1e-12)
     # Every listed index with a non-zero value is a selected unit, listed once per row.
     for row in range(BATCH):
-        listed = out.h.indices[row][out.h.values[row] > 0]
+        listed = out.codes.indices[row][out.codes.values[row] > 0]
         assert len(set(listed.tolist())) == len(listed)
         assert set(listed.tolist()) == set((expected[row] > 0).nonzero().flatten().tolist())
     assert torch.allclose(out.x_hat, expected @ model.W2.detach().T + model.b2.detach(), rtol=0, atol=1e-12)
@@ -82,19 +100,15 @@ def test_codes_equal_a_dense_reference(activation, pre_bias):
 @pytest.mark.parametrize("pre_bias", [False, True])
 @pytest.mark.parametrize("aux_k", [0, 6])
 def test_k_sparse_backward_equals_dense_autograd(activation, pre_bias, aux_k):
-    """Gradients of reconstruction + AuxK loss (dead mask given) through the k-sparse backward equal
-    dense autograd of the same loss written with dense masks."""
-    model, x = _model(activation, pre_bias), _x()
+    """The forward's loss terms (reconstruction against a target, and the AuxK loss when a dead mask
+    is given and aux_k > 0) and their gradients through the k-sparse backward equal the same loss
+    written here with dense masks and differentiated by dense autograd."""
+    model, x = _model(activation, pre_bias, aux_k=aux_k), _x()
     c, y = _loss_weights()
     dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
     dead[::3] = True  # 22 dead units: more than aux_k, and some of them also in the TopK selection
-    out = model(x, dead=dead, aux_k=aux_k)
-    loss = (c * out.x_hat).sum() + 0.5 * (out.x_hat - y).pow(2).sum()
-    if aux_k:
-        e = (y - out.x_hat).detach()
-        loss = loss + (_dense(out.aux.values, out.aux.indices) @ model.W2.T - e).pow(2).sum()
-    else:
-        assert out.aux is None
+    out = model(x, y, dead=dead)
+    loss = (c * out.x_hat).sum() + sum(out.terms)
     loss.backward()
 
     params = _params(model)
@@ -102,15 +116,25 @@ def test_k_sparse_backward_equals_dense_autograd(activation, pre_bias, aux_k):
     z2 = _reference_z2(params, x, pre_bias)
     mask = _topk_mask(z2.detach(), K) if activation == "topk" else _batch_topk_mask(z2.detach(), K)
     x_hat = (z2.relu() * mask) @ W2.T + b2
-    reference = (c * x_hat).sum() + 0.5 * (x_hat - y).pow(2).sum()
+    reconstruction = 0.5 * (x_hat - y).pow(2).sum() / BATCH
+    reference = (c * x_hat).sum() + reconstruction
+    auxiliary = torch.zeros((), dtype=torch.float64)
     if aux_k:
+        # AuxK (Gao et al.): the aux_k largest dead pre-activations rebuild e = y - x_hat, over e's variance.
         aux_mask = _topk_mask(z2.detach().masked_fill(~dead, -torch.inf), aux_k)
         e = (y - x_hat).detach()
-        reference = reference + ((z2.relu() * aux_mask) @ W2.T - e).pow(2).sum()
+        variance = (e - e.mean(0)).pow(2).sum()
+        auxiliary = AUX_COEFFICIENT * ((z2.relu() * aux_mask) @ W2.T - e).pow(2).sum() / variance
+        reference = reference + auxiliary
     reference.backward()
+    got_reconstruction, got_sparsity, got_auxiliary, got_decay = out.terms.numbers()
+    assert got_reconstruction == pytest.approx(float(reconstruction.detach()), rel=1e-12)
+    assert got_auxiliary == pytest.approx(float(auxiliary.detach()), rel=1e-12, abs=1e-300)
+    assert got_sparsity == 0.0 and got_decay == 0.0
     for name, mine, theirs in zip(("W1", "b1", "W2", "b2"), (model.W1, model.b1, model.W2, model.b2), params):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-11), name
     if aux_k:  # the dead units' encoder rows and decoder columns learn from the AuxK loss
+        assert float(auxiliary.detach()) > 0
         assert model.W1.grad[dead].abs().sum(1).gt(0).sum() >= aux_k
         assert model.W2.grad[:, dead].abs().sum(0).gt(0).sum() >= aux_k
 
@@ -119,13 +143,26 @@ def test_auxk_codes_are_the_largest_dead_pre_activations_and_need_dead_units():
     model, x = _model("topk", True), _x()
     dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
     dead[[3, 9, 40]] = True  # fewer dead units than aux_k: all of them, through a ReLU
+
+    def encode(dead, aux_k):
+        return sparse_encode(x, model.W1, model.encoder_bias(), K, None, dead, aux_k)
+
     with torch.no_grad():
-        out = model(x, dead=dead, aux_k=8)
+        codes, aux = encode(dead, 8)
         z2 = _reference_z2(_params(model), x, True)
-    assert out.aux.values.shape == (BATCH, 3)
-    assert torch.allclose(_dense(out.aux.values, out.aux.indices), z2.relu() * dead, rtol=0, atol=1e-12)
-    assert model(x, dead=torch.zeros(N_HIDDEN, dtype=torch.bool), aux_k=8).aux is None
-    assert model(x, dead=dead, aux_k=0).aux is None
+        expected = z2.relu() * _topk_mask(z2, K)
+        assert torch.allclose(_dense(codes.values, codes.indices), expected, rtol=0, atol=1e-12)
+        assert aux.values.shape == (BATCH, 3)
+        assert torch.allclose(_dense(aux.values, aux.indices), z2.relu() * dead, rtol=0, atol=1e-12)
+        assert encode(torch.zeros(N_HIDDEN, dtype=torch.bool), 8)[1] is None
+        assert encode(dead, 0)[1] is None
+        assert encode(None, 8)[1] is None
+        # Through the kind: no AuxK loss without dead units, without aux_k, or without a dead mask.
+        with_aux = _model("topk", True, aux_k=8)
+        assert float(with_aux(x, dead=torch.zeros(N_HIDDEN, dtype=torch.bool)).terms.auxiliary) == 0.0
+        assert float(with_aux(x).terms.auxiliary) == 0.0
+        assert float(model(x, dead=dead).terms.auxiliary) == 0.0
+        assert float(with_aux(x, dead=dead).terms.auxiliary) > 0.0
 
 
 # --- BatchTopK ---------------------------------------------------------------------------------
@@ -144,7 +181,7 @@ def _kept(values, indices):
 
 def test_batch_topk_keeps_exactly_k_times_batch_largest_codes():
     z2 = _distinct_scores(10, 64)
-    values, indices = BatchTopK(3).train()(z2)
+    values, indices = BatchSelection(3).train()(z2)
     kept = _kept(values, indices)
     assert int(kept.sum()) == 3 * 10
     assert z2[kept].min() > z2[~kept].max()  # every kept value >= every dropped one
@@ -157,7 +194,7 @@ def test_batch_topk_widens_when_one_row_holds_more_than_4k_of_the_top_values():
     z2 = -_distinct_scores(batch, 64).abs() - 1  # all negative...
     z2[0, :12] = torch.arange(12, dtype=torch.float64) + 100  # ...but row 0 holds 12 of the top 16
     z2[1:5, 0] = torch.tensor([50.0, 51, 52, 53])  # and 4 rows hold one each
-    values, indices = BatchTopK(k).train()(z2)
+    values, indices = BatchSelection(k).train()(z2)
     kept = _kept(values, indices)
     assert kept.sum(1).tolist() == [12, 1, 1, 1, 1, 0, 0, 0]
     assert kept[0, :12].all() and torch.equal(_dense(values, indices), z2 * kept)
@@ -165,11 +202,11 @@ def test_batch_topk_widens_when_one_row_holds_more_than_4k_of_the_top_values():
 
 def test_batch_topk_widening_through_the_model_matches_dense_autograd():
     """The same skewed batch through the fused encoder: codes and gradients still match a dense reference."""
-    model = SparseAutoencoder(D, N_HIDDEN, "batchtopk", "linear", seed=3, k=1)
+    model = make_model(D, N_HIDDEN, "batchtopk", "linear", seed=3, k=1)
     x = _x(seed=2, m=8) * 0.01
     x[0] = model.W1.detach()[:10].sum(0) * 3  # row 0 strongly drives units 0..9: more than 4k of the top 8
     out = model(x)
-    rows = (out.h.values > 0).sum(1)
+    rows = (out.codes.values > 0).sum(1)
     assert int(rows.sum()) == 8 and int(rows[0]) > 4
     out.x_hat.pow(2).sum().backward()
     W1, b1, W2, b2 = params = _params(model)
@@ -182,12 +219,12 @@ def test_batch_topk_widening_through_the_model_matches_dense_autograd():
 
 def test_batch_topk_drops_non_positive_codes_even_within_budget():
     z2 = torch.tensor([[3.0, -1.0, -2.0, -3.0], [-0.5, 0.0, -4.0, 2.0]], dtype=torch.float64)
-    values, indices = BatchTopK(2).train()(z2)  # budget 4, but only 2 positive values
+    values, indices = BatchSelection(2).train()(z2)  # budget 4, but only 2 positive values
     assert torch.equal(_dense(values, indices, 4), z2.relu())
 
 
 def test_batch_topk_threshold_is_a_running_mean_of_the_smallest_kept_value_and_used_in_eval():
-    module = BatchTopK(2, momentum=0.9).train()
+    module = BatchSelection(2, momentum=0.9).train()
     assert float(module.threshold) == -1.0
     first, second = _distinct_scores(5, 64, seed=1), _distinct_scores(5, 64, seed=2) + 0.5
     module(first)
@@ -211,7 +248,7 @@ def test_batch_topk_model_in_eval_mode_is_a_threshold_relu():
         out = model(x)
         z2 = _reference_z2(_params(model), x, True)
     expected = z2 * (z2 > 0.05)
-    assert torch.allclose(out.h, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(out.codes, expected, rtol=0, atol=1e-12)
     assert torch.allclose(out.x_hat, expected @ model.W2.detach().T + model.b2.detach(), rtol=0, atol=1e-12)
 
 
@@ -220,14 +257,19 @@ def test_batch_topk_model_in_eval_mode_is_a_threshold_relu():
 
 def _jumprelu_case():
     """theta = (0.5, 1.0, 2.0), bandwidth 0.2: pre-activations inside and outside each unit's window."""
-    module = JumpReLU(3, initial_threshold=1.0, bandwidth=0.2, dtype=torch.float64)
+    module = Threshold(3, initial_threshold=1.0, bandwidth=0.2, dtype=torch.float64)
     with torch.no_grad():
         module.log_threshold.copy_(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64).log())
-    z = torch.tensor([[0.45, 0.95, 2.5],   # unit 0 window (0.4, 0.6): in; unit 1 (0.9, 1.1): in; unit 2 (1.9, 2.1): out
-                      [0.70, 1.05, 1.95],  # out, in, in
-                      [0.55, 0.50, 2.05],  # in, out, in
-                      [-1.0, 1.20, 0.00]],  # out, out, out
-                     dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(
+        [
+            [0.45, 0.95, 2.5],  # unit 0 window (0.4, 0.6): in; unit 1 (0.9, 1.1): in; unit 2 (1.9, 2.1): out
+            [0.70, 1.05, 1.95],  # out, in, in
+            [0.55, 0.50, 2.05],  # in, out, in
+            [-1.0, 1.20, 0.00],
+        ],  # out, out, out
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     grad = torch.tensor([[1.0, -2.0, 3.0], [0.5, 4.0, -1.5], [2.0, 1.0, 0.25], [7.0, 7.0, 7.0]], dtype=torch.float64)
     return module, z, grad
 
@@ -235,7 +277,9 @@ def _jumprelu_case():
 def test_jumprelu_forward_is_z_times_step():
     module, z, _ = _jumprelu_case()
     theta = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
-    expected = torch.tensor([[0.0, 0.0, 2.5], [0.7, 1.05, 0.0], [0.55, 0.0, 2.05], [0.0, 1.2, 0.0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[0.0, 0.0, 2.5], [0.7, 1.05, 0.0], [0.55, 0.0, 2.05], [0.0, 1.2, 0.0]], dtype=torch.float64
+    )
     assert torch.equal(module(z), expected)
     assert torch.equal(module(z), z * (z > theta))
 
@@ -246,7 +290,9 @@ def test_jumprelu_straight_through_gradients_by_hand():
     theta, eps = [0.5, 1.0, 2.0], 0.2
     inside = [[1, 1, 0], [0, 1, 1], [1, 0, 1], [0, 0, 0]]
     # d/d log_theta_j = sum_b -(theta_j / eps) K((z_bj - theta_j) / eps) g_bj * theta_j  (chain rule through exp)
-    expected = [sum(-(theta[j] / eps) * inside[b][j] * float(grad[b, j]) * theta[j] for b in range(4)) for j in range(3)]
+    expected = [
+        sum(-(theta[j] / eps) * inside[b][j] * float(grad[b, j]) * theta[j] for b in range(4)) for j in range(3)
+    ]
     assert module.log_threshold.grad.tolist() == pytest.approx(expected, rel=1e-12)
     assert expected[0] == pytest.approx(-(0.5 / 0.2) * (1.0 + 2.0) * 0.5)  # the formula spelled out once
     assert torch.equal(z.grad, grad * (z > torch.tensor(theta, dtype=torch.float64)))
@@ -271,15 +317,15 @@ def test_jumprelu_model_forward_with_pre_bias():
         out = model(x)
         z2 = _reference_z2(_params(model), x, True)
     expected = z2 * (z2 > model.jumprelu.log_threshold.exp())
-    assert torch.allclose(out.h, expected, rtol=0, atol=1e-12)
-    assert torch.allclose(out.z2, z2, rtol=0, atol=1e-12)
+    assert torch.allclose(out.codes, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(model.pre_activations(x).detach(), z2, rtol=0, atol=1e-12)
 
 
 # --- known bugs --------------------------------------------------------------------------------
 
 
 def test_batch_topk_training_on_a_batch_with_no_positive_pre_activation():
-    model = SparseAutoencoder(D, N_HIDDEN, "batchtopk", "linear", seed=0, k=K)  # b1 = b2 = 0: z2 = 0 for x = 0
+    model = make_model(D, N_HIDDEN, "batchtopk", "linear", seed=0, k=K)  # b1 = b2 = 0: z2 = 0 for x = 0
     out = model(torch.zeros(BATCH, D, dtype=torch.float64))
     assert torch.equal(out.x_hat, model.b2.detach().expand(BATCH, D))
     out.x_hat.sum().backward()

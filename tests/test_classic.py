@@ -1,18 +1,21 @@
-"""saekit.classic.cost_and_grad against finite differences, autograd of our own J, and saturated units."""
+"""saekit.kernels.classic.cost_and_grad, with UFLDL's KL term (saekit.kinds.penalties.kl_term), against
+finite differences, autograd of our own J, and saturated units."""
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_problem, reference_cost, reference_terms
-from saekit.classic import cost_and_grad
+
+from saekit.kernels.classic import cost_and_grad
+from saekit.kinds.penalties import kl_term
 
 LAMBDA, RHO, BETA = 1e-3, 0.1, 3.0
+KL = kl_term(RHO, BETA)
 
 
 def _cost(params, x, target=None):
     W1, b1, W2, b2 = params
-    result, _ = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, RHO, BETA, target=target)
+    result, _ = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, KL, target=target)
     return result
 
 
@@ -71,9 +74,9 @@ def test_weight_decay_acts_on_weights_only():
     """Raising lambda adds exactly lambda * W to dJ/dW and nothing to dJ/db (biases carry no decay)."""
     W1, b1, W2, b2, x = random_problem(seed=3)
     b1, b2 = b1 + 5.0, b2 - 5.0  # large biases: any decay on them would show
-    with_decay, _ = cost_and_grad(W1, b1, W2, b2, x, 10.0, RHO, BETA)
+    with_decay, _ = cost_and_grad(W1, b1, W2, b2, x, 10.0, KL)
     with_decay = [g.clone() for g in with_decay.grads]
-    without, _ = cost_and_grad(W1, b1, W2, b2, x, 0.0, RHO, BETA)
+    without, _ = cost_and_grad(W1, b1, W2, b2, x, 0.0, KL)
     torch.testing.assert_close(with_decay[0] - without.grads[0], 10.0 * W1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(with_decay[2] - without.grads[2], 10.0 * W2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(with_decay[1], without.grads[1], rtol=0, atol=0)
@@ -123,21 +126,21 @@ def test_partly_saturated_units_keep_the_exact_gradient_of_the_others():
 
 def test_workspace_reuse_gives_identical_results_and_a_shape_change_reallocates():
     W1, b1, W2, b2, x = random_problem(m=9, seed=7)
-    fresh, ws = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, RHO, BETA)
+    fresh, ws = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, KL)
     first = [g.clone() for g in fresh.grads]
     # Evaluate somewhere else in between, so the buffers hold other numbers.
-    cost_and_grad(W1 * 2, b1, W2, b2, x * 0.5, LAMBDA, RHO, BETA, workspace=ws)
-    again, ws_again = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, RHO, BETA, workspace=ws)
+    cost_and_grad(W1 * 2, b1, W2, b2, x * 0.5, LAMBDA, KL, workspace=ws)
+    again, ws_again = cost_and_grad(W1, b1, W2, b2, x, LAMBDA, KL, workspace=ws)
     assert ws_again is ws
     assert again.cost == fresh.cost
     for a, b in zip(again.grads, first):
         assert torch.equal(a, b)
 
-    fewer, ws_fewer = cost_and_grad(W1, b1, W2, b2, x[:4], LAMBDA, RHO, BETA, workspace=ws)
+    fewer, ws_fewer = cost_and_grad(W1, b1, W2, b2, x[:4], LAMBDA, KL, workspace=ws)
     assert ws_fewer is not ws and ws_fewer.a2.shape == (4, W1.shape[0])
     assert fewer.cost == pytest.approx(float(reference_cost(W1, b1, W2, b2, x[:4], LAMBDA, RHO, BETA)), rel=1e-12)
     other = [t.float() for t in (W1, b1, W2, b2, x)]
-    _, ws_float = cost_and_grad(*other, LAMBDA, RHO, BETA, workspace=ws)
+    _, ws_float = cost_and_grad(*other, LAMBDA, KL, workspace=ws)
     assert ws_float is not ws and ws_float.a2.dtype == torch.float32
 
 

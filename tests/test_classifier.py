@@ -1,4 +1,5 @@
-"""Tests for saekit.classifier: softmax regression, the classifier on encoders, evaluation.
+"""Tests for saekit.classify.softmax: softmax regression, the classifier on encoders, evaluation
+(and saekit.viz.report.save_confusion_png, which draws an evaluation).
 
 Costs are checked against numbers worked out by hand or in NumPy, gradients against central
 finite differences and UFLDL's closed form, and training against problems whose answer is known.
@@ -9,12 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from PIL import Image
 
-from saekit.classifier import (FeatureClassifier, SoftmaxRegression, Solver, confusion_matrix,
-                               evaluate_classifier, save_confusion_png, trainable)
+from saekit.classify.softmax import (
+    FeatureClassifier,
+    SoftmaxRegression,
+    Solver,
+    confusion_matrix,
+    evaluate_classifier,
+    trainable,
+)
 from saekit.errors import UserError
-from saekit.model import SparseAutoencoder
+from saekit.viz.report import save_confusion_png
 
 
 def numpy_sigmoid(z):
@@ -140,7 +148,7 @@ def test_a_frozen_bias_stays_at_zero_as_in_ufldls_model():
 
 
 def two_encoders():
-    return [SparseAutoencoder(6, 5, seed=1), SparseAutoencoder(5, 3, seed=2)]
+    return [make_model(6, 5, seed=1), make_model(5, 3, seed=2)]
 
 
 def test_feature_classifier_forward_is_the_composition_of_its_parts():
@@ -218,13 +226,14 @@ def test_fine_tuning_changes_the_encoders_but_not_the_autoencoders():
     assert history["fine_tune"][-1]["cost"] < history["fine_tune"][0]["cost"]
 
 
+@pytest.mark.slow  # 200 L-BFGS iterations of fine-tuning
 def test_fine_tuning_learns_xor_which_frozen_random_features_cannot():
     """XOR of two bits is not linearly separable; an untrained encoder's small weights give nearly
     linear features, so only fine-tuning the encoder can separate it."""
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2, (200, 2))
     x, y = np.clip(0.1 + 0.8 * bits + 0.05 * rng.standard_normal((200, 2)), 0, 1), bits[:, 0] ^ bits[:, 1]
-    clf = FeatureClassifier([SparseAutoencoder(2, 4, seed=0)], n_classes=2)
+    clf = FeatureClassifier([make_model(2, 4, seed=0)], n_classes=2)
     clf.fit_softmax(x, y)
     assert (clf.predict(x) == y).mean() < 0.8
     clf.fine_tune(x, y, Solver(max_iter=200), lambda_=1e-4)
@@ -241,10 +250,7 @@ def test_evaluate_classifier_on_hand_built_predictions(tmp_path):
     y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
     y_pred = [0, 0, 1, 1, 2, 2, 2, 0, 2]
     result = evaluate_classifier(model, np.eye(4)[y_pred], y_true, ["a", "b", "c", "d"])
-    expected_cm = [[2, 1, 0, 0],
-                   [0, 1, 1, 0],
-                   [1, 0, 3, 0],
-                   [0, 0, 0, 0]]
+    expected_cm = [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
     np.testing.assert_array_equal(result["confusion_matrix"], expected_cm)
     assert result["accuracy"] == pytest.approx(6 / 9)
     per_class = result["per_class_accuracy"]
@@ -266,14 +272,17 @@ def test_confusion_matrix_counts_pairs():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("x, y, message", [
-    (np.zeros((4, 3)), [0, 1, 0, 1], "features per row"),
-    (np.full((4, 2), np.nan), [0, 1, 0, 1], "NaN"),
-    (np.zeros(4), [0, 1, 0, 1], "2-D"),
-    (np.zeros((4, 2)), [0, 1, 0, 3], "0..2"),
-    (np.zeros((4, 2)), [0, 1, 0], "one label per example"),
-    (np.zeros((4, 2)), [0.0, 1.0, 0.0, 1.0], "integers"),
-])
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        (np.zeros((4, 3)), [0, 1, 0, 1], "features per row"),
+        (np.full((4, 2), np.nan), [0, 1, 0, 1], "NaN"),
+        (np.zeros(4), [0, 1, 0, 1], "2-D"),
+        (np.zeros((4, 2)), [0, 1, 0, 3], "0..2"),
+        (np.zeros((4, 2)), [0, 1, 0], "one label per example"),
+        (np.zeros((4, 2)), [0.0, 1.0, 0.0, 1.0], "integers"),
+    ],
+)
 def test_bad_data_raises_user_error(x, y, message):
     with pytest.raises(UserError, match=message):
         SoftmaxRegression(2, 3).fit(x, y)
@@ -281,7 +290,7 @@ def test_bad_data_raises_user_error(x, y, message):
 
 def test_bad_settings_raise_user_error():
     with pytest.raises(UserError, match="previous one's features"):
-        FeatureClassifier([SparseAutoencoder(6, 5), SparseAutoencoder(4, 3)], 2)
+        FeatureClassifier([make_model(6, 5), make_model(4, 3)], 2)
     with pytest.raises(UserError, match="optimizer"):
         Solver("newton")
     with pytest.raises(UserError, match="max_iter"):

@@ -1,6 +1,7 @@
 """Data-parallel training for real: `torchrun --nproc-per-node 2` (gloo, CPU) against one process with
 the same global batch. Two processes must follow the single process's path: same weights (to rounding),
-same BatchTopK threshold, dead-unit counters, running rho_hat and history."""
+same BatchTopK threshold, dead-unit counters, running rho_hat and history (read back through
+saekit.run.RunFolder)."""
 
 import json
 import os
@@ -15,20 +16,71 @@ import pytest
 import safetensors.torch
 import torch
 
-from saekit import runs
 from saekit.cli import main
+from saekit.run import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
+pytestmark = pytest.mark.slow  # every test here waits for torchrun's two processes
 
-BATCHTOPK = ["--data", "synthetic", "--synthetic-inputs", "16", "--synthetic-atoms", "32", "--synthetic-k", "3",
-             "--n-examples", "400", "--activation", "batchtopk", "--k", "3", "--n-hidden", "48", "--output", "linear",
-             "--penalty", "l1-decoder", "--beta", "0.001", "--aux-k", "8", "--dead-after", "100", "--normalize-decoder",
-             "--pre-bias", "--scale-inputs", "--decoder-bias-init", "mean"]
-SIGMOID_KL = ["--activation", "sigmoid", "--output", "sigmoid", "--penalty", "kl", "--rho", "0.05", "--beta", "3",
-              "--n-hidden", "24", "--rho-momentum", "0.8"]
-COMMON = ["--optimizer", "adam", "--lr", "0.01", "--steps", "10", "--dtype", "float64", "--log-every", "5",
-          "--no-progress"]
+BATCHTOPK = [
+    "--data",
+    "synthetic",
+    "--synthetic-inputs",
+    "16",
+    "--synthetic-atoms",
+    "32",
+    "--synthetic-k",
+    "3",
+    "--n-examples",
+    "400",
+    "--kind",
+    "batchtopk",
+    "--k",
+    "3",
+    "--n-hidden",
+    "48",
+    "--output",
+    "linear",
+    "--aux-k",
+    "8",
+    "--dead-after",
+    "100",
+    "--normalize-decoder",
+    "--pre-bias",
+    "--scale-inputs",
+    "--decoder-bias-init",
+    "mean",
+]  # (BatchTopK takes no penalty on its codes any more)
+SIGMOID_KL = [
+    "--kind",
+    "sigmoid",
+    "--output",
+    "sigmoid",
+    "--penalty",
+    "kl",
+    "--rho",
+    "0.05",
+    "--beta",
+    "3",
+    "--n-hidden",
+    "24",
+    "--rho-momentum",
+    "0.8",
+]
+COMMON = [
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.01",
+    "--steps",
+    "10",
+    "--dtype",
+    "float64",
+    "--log-every",
+    "5",
+    "--no-progress",
+]
 
 
 def _torchrun():
@@ -43,11 +95,23 @@ def _free_port() -> int:
 
 
 def _train_two_processes(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [*_torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               "-m", "saekit.cli", "train", *args]
+    command = [
+        *_torchrun(),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "saekit.cli",
+        "train",
+        *args,
+    ]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -84,6 +148,12 @@ def sigmoid_kl_runs(tmp_path_factory):
     return root
 
 
+def _trainer_state(run_dir) -> dict:
+    """The trainer's state in the run's last checkpoint."""
+    _, state, _ = RunFolder(run_dir).load_checkpoint()
+    return state
+
+
 def _assert_close_weights(root, name="weights.safetensors"):
     one = safetensors.torch.load_file(root / "one" / name)
     two = safetensors.torch.load_file(root / "two" / name)
@@ -100,24 +170,30 @@ def test_two_processes_train_batchtopk_like_one(batchtopk_runs):
     initial = safetensors.torch.load_file(batchtopk_runs / "one" / "initial.safetensors")
     assert float((one["W1"] - initial["W1"]).abs().max()) > 1e-3  # it trained
     assert float(one["batch_topk.threshold"]) > 0  # the threshold was estimated over the global batch
-    state_one, state_two = (runs.load_trainer_state(batchtopk_runs / name) for name in ("one", "two"))
+    state_one, state_two = (_trainer_state(batchtopk_runs / name) for name in ("one", "two"))
     assert state_one["step"] == state_two["step"] == 10
     assert state_one["scale"] == pytest.approx(state_two["scale"], rel=1e-15)
     assert torch.equal(state_one["since_fired"], state_two["since_fired"])
     assert int(state_one["since_fired"].max()) >= 100  # some units were dead, so AuxK was at work
-    metrics_one, metrics_two = (json.loads((batchtopk_runs / name / "metrics.json").read_text()) for name in ("one", "two"))
+    metrics_one, metrics_two = (
+        json.loads((batchtopk_runs / name / "metrics.json").read_text()) for name in ("one", "two")
+    )
     assert metrics_one == pytest.approx(metrics_two, rel=1e-9, abs=1e-12)
 
 
 def test_two_processes_train_sigmoid_kl_like_one(sigmoid_kl_runs):
     _assert_close_weights(sigmoid_kl_runs)
-    state_one, state_two = (runs.load_trainer_state(sigmoid_kl_runs / name) for name in ("one", "two"))
-    assert torch.allclose(state_one["rho_hat"], state_two["rho_hat"], rtol=1e-12, atol=0)
-    assert 0 < float(state_one["rho_hat"].mean()) < 1
+    state_one, state_two = (_trainer_state(sigmoid_kl_runs / name) for name in ("one", "two"))
+    rho_hat_one, rho_hat_two = state_one["kind"]["rho_hat"], state_two["kind"]["rho_hat"]
+    assert torch.allclose(rho_hat_one, rho_hat_two, rtol=1e-12, atol=0)
+    assert 0 < float(rho_hat_one.mean()) < 1
 
 
 def _history_without_timing(run_dir):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")} for row in runs.load_history(run_dir)]
+    return [
+        {k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")}
+        for row in RunFolder(run_dir).load_history()
+    ]
 
 
 @pytest.mark.parametrize("which", ["batchtopk", "sigmoid-kl"])

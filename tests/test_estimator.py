@@ -1,6 +1,5 @@
 """saekit.estimator.SparseAutoencoderEstimator: the scikit-learn contract, checked by hand."""
 
-import dataclasses
 import inspect
 
 import numpy as np
@@ -24,6 +23,10 @@ def fitted(X):
     return SparseAutoencoderEstimator(n_hidden=N_HIDDEN, max_iter=10).fit(X)
 
 
+def _weights(est):
+    return est.model_.W1, est.model_.b1, est.model_.W2, est.model_.b2
+
+
 def _sigmoid(z):
     return 1 / (1 + np.exp(-z))
 
@@ -39,7 +42,7 @@ def test_transform_and_inverse_transform(fitted, X):
     H = fitted.transform(X)
     assert isinstance(H, np.ndarray) and H.shape == (150, N_HIDDEN)
     assert H.min() > 0 and H.max() < 1  # sigmoid codes
-    W1, b1, W2, b2 = (p.detach().numpy() for p in (fitted.model_.W1, fitted.model_.b1, fitted.model_.W2, fitted.model_.b2))
+    W1, b1, W2, b2 = (p.detach().numpy() for p in _weights(fitted))
     np.testing.assert_allclose(H, _sigmoid(X @ W1.T + b1), rtol=1e-12)
     X_hat = fitted.inverse_transform(H)
     assert X_hat.shape == X.shape
@@ -48,7 +51,7 @@ def test_transform_and_inverse_transform(fitted, X):
 
 
 def test_score_is_minus_the_mean_squared_error(fitted, X):
-    W1, b1, W2, b2 = (p.detach().numpy() for p in (fitted.model_.W1, fitted.model_.b1, fitted.model_.W2, fitted.model_.b2))
+    W1, b1, W2, b2 = (p.detach().numpy() for p in _weights(fitted))
     X_hat = _sigmoid(_sigmoid(X @ W1.T + b1) @ W2.T + b2)
     assert fitted.score(X) == pytest.approx(-np.mean((X_hat - X) ** 2), rel=1e-12)
 
@@ -63,13 +66,32 @@ def test_get_params_set_params_round_trip():
     assert est.get_params()["beta"] == 1.5 and est.get_params()["max_iter"] == 3
 
 
-def test_defaults_equal_the_train_config_defaults():
-    config = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+def test_defaults_equal_the_train_config_defaults(X):
+    config = TrainConfig().flat()
     params = SparseAutoencoderEstimator().get_params()
     shared = set(config) & set(params)
-    assert {"n_hidden", "rho", "beta", "weight_decay", "max_iter", "optimizer", "seed"} <= shared
+    assert {"kind", "n_hidden", "rho", "beta", "weight_decay", "max_iter", "optimizer", "seed"} <= shared
     for name in shared:
-        assert params[name] == config[name], name
+        # A kind's own settings default to None: the kind's default, whichever kind is chosen.
+        assert params[name] == config[name] or (params[name] is None and name in TrainConfig().model.to_dict()), name
+    # Those None settings come out as the kind's defaults in the fitted model.
+    assert SparseAutoencoderEstimator(max_iter=1).fit(X).model_.cfg == TrainConfig().model
+    relu = SparseAutoencoderEstimator(kind="relu", max_iter=1).fit(X).model_
+    assert relu.cfg == TrainConfig.from_flat({"kind": "relu"}).model
+
+
+def test_a_relu_estimator_transforms_with_its_kind(X):
+    est = SparseAutoencoderEstimator(kind="relu", n_hidden=N_HIDDEN, penalty="l1", beta=0.01, max_iter=5).fit(X)
+    assert (est.model_.kind, est.model_.cfg.output, est.model_.cfg.penalty) == ("relu", "linear", "l1")
+    W1, b1, W2, b2 = (p.detach().numpy() for p in _weights(est))
+    H = est.transform(X)
+    np.testing.assert_allclose(H, np.maximum(X @ W1.T + b1, 0), rtol=1e-12)
+    np.testing.assert_allclose(est.inverse_transform(H), H @ W2.T + b2, rtol=1e-12)  # linear output
+
+
+def test_a_setting_the_kind_lacks_is_a_user_error(X):
+    with pytest.raises(UserError, match="--rho is a setting of sigmoid, not of --kind relu"):
+        SparseAutoencoderEstimator(kind="relu", rho=0.1, max_iter=2).fit(X)
 
 
 def test_float32_fit(X):
@@ -90,7 +112,7 @@ def test_not_fitted(X):
     [
         ("transform", lambda X: X[:, :10], "features"),
         ("score", lambda X: X[:, :10], "features"),
-        ("inverse_transform", lambda X: X[:, :N_HIDDEN + 1], "fitted on"),
+        ("inverse_transform", lambda X: X[:, : N_HIDDEN + 1], "fitted on"),
         ("transform", lambda X: np.where(np.eye(*X.shape) > 0, np.nan, X), "NaN"),
         ("transform", lambda X: X[0], "2-D"),
     ],

@@ -1,4 +1,4 @@
-"""saekit.harvest on a tiny random GPT-2 and a word-level tokenizer built here, offline.
+"""saekit.data.harvest (and `saekit harvest`) on a tiny random GPT-2 and a word-level tokenizer built here, offline.
 
 The yardstick is independent of the harvest code: the tokenizer splits on whitespace and
 knows every word, so a document of w words is w tokens plus one [BOS] per window, and the
@@ -6,7 +6,6 @@ expected activations come from running the model directly on each window alone (
 one, no padding), reading hidden_states or a forward hook of our own.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -18,12 +17,34 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import assert_one_line_error, run_cli  # noqa: E402
+
 from saekit import __version__  # noqa: E402
+from saekit.data.harvest import harvest, resolve_model_folder  # noqa: E402
 from saekit.data.vectors import open_vectors  # noqa: E402
 from saekit.errors import UserError  # noqa: E402
-from saekit.harvest import add_harvest_arguments, harvest, resolve_model_folder, run_harvest  # noqa: E402
 
-WORDS = "the cat sat on mat a dog ran in park sun is hot today big red small green tree".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "dog",
+    "ran",
+    "in",
+    "park",
+    "sun",
+    "is",
+    "hot",
+    "today",
+    "big",
+    "red",
+    "small",
+    "green",
+    "tree",
+]
 CONTEXT = 6  # [BOS] + up to 5 words per window
 N_LAYERS = 2
 
@@ -39,14 +60,24 @@ def _documents(n=12, seed=0):
 def tiny(tmp_path_factory):
     """(model folder, raw tokenizers.Tokenizer, model, text folder, documents)."""
     root = tmp_path_factory.mktemp("harvest")
-    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", *WORDS])},
-                                                           unk_token="[UNK]"))
+    vocabulary = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", *WORDS])}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="[UNK]"))
     raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     raw.post_processor = tokenizers.processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]"
+    )
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=N_LAYERS, n_embd=32, n_head=2, vocab_size=len(WORDS) + 3,
-                                     n_positions=16, bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=N_LAYERS,
+        n_embd=32,
+        n_head=2,
+        vocab_size=len(WORDS) + 3,
+        n_positions=16,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = transformers.GPT2Model(config).eval()
     folder = root / "model"
     model.save_pretrained(folder)
@@ -63,7 +94,7 @@ def tiny(tmp_path_factory):
 def _windows(raw, doc):
     """Token ids of doc's windows: [BOS] + at most CONTEXT - 1 words each."""
     ids = [raw.token_to_id(w) for w in doc.split()]
-    return [[2, *ids[i:i + CONTEXT - 1]] for i in range(0, len(ids), CONTEXT - 1)]
+    return [[2, *ids[i : i + CONTEXT - 1]] for i in range(0, len(ids), CONTEXT - 1)]
 
 
 def _expected(tiny, layer=None, module=None, drop_first=False):
@@ -93,11 +124,13 @@ def _read(out):
     return shards, tensors
 
 
+@pytest.mark.slow  # runs a transformer
 def test_rows_counts_shards_and_manifest(tiny, tmp_path):
     folder, raw, _, texts, docs = tiny
     out = tmp_path / "out"
-    manifest = harvest(str(folder), [texts], out, layer=1, context_length=CONTEXT, batch_size=4,
-                       shard_size=16, progress=False)
+    manifest = harvest(
+        str(folder), [texts], out, layer=1, context_length=CONTEXT, batch_size=4, shard_size=16, progress=False
+    )
     n_words = [len(doc.split()) for doc in docs]
     n_tokens = sum(w + math.ceil(w / (CONTEXT - 1)) for w in n_words)  # words + one [BOS] per window
     shards, tensors = _read(out)
@@ -110,43 +143,77 @@ def test_rows_counts_shards_and_manifest(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in shards), "harvest.json"])
     on_disk = json.loads((out / "harvest.json").read_text())
     assert on_disk == manifest
-    assert {k: on_disk[k] for k in ["model", "layer", "d", "n_tokens", "n_shards", "dtype", "context_length",
-                                     "document", "saekit_version"]} == {
-        "model": str(folder), "layer": 1, "d": 32, "n_tokens": n_tokens, "n_shards": len(shards),
-        "dtype": "float32", "context_length": CONTEXT, "document": "line", "saekit_version": __version__}
+    assert {
+        k: on_disk[k]
+        for k in [
+            "model",
+            "layer",
+            "d",
+            "n_tokens",
+            "n_shards",
+            "dtype",
+            "context_length",
+            "document",
+            "saekit_version",
+        ]
+    } == {
+        "model": str(folder),
+        "layer": 1,
+        "d": 32,
+        "n_tokens": n_tokens,
+        "n_shards": len(shards),
+        "dtype": "float32",
+        "context_length": CONTEXT,
+        "document": "line",
+        "saekit_version": __version__,
+    }
     assert on_disk["texts"] == [str(texts / "a.txt"), str(texts / "sub" / "b.txt")]
     source = open_vectors(out)
     assert (source.n, source.d) == (n_tokens, 32)
     torch.testing.assert_close(source.read(10, 30), torch.cat(tensors)[10:30], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # runs a transformer
 def test_hook_module_drop_first_float16_and_max_tokens(tiny, tmp_path):
     folder, _, _, texts, _ = tiny
     expected = _expected(tiny, module="h.0.mlp", drop_first=True)
     out = tmp_path / "out"
-    manifest = harvest(folder, [texts / "a.txt", texts / "sub" / "b.txt"], out, hook_module="h.0.mlp",
-                       context_length=CONTEXT, batch_size=3, max_tokens=40, drop_first=True,
-                       dtype="float16", progress=False)
+    manifest = harvest(
+        folder,
+        [texts / "a.txt", texts / "sub" / "b.txt"],
+        out,
+        hook_module="h.0.mlp",
+        context_length=CONTEXT,
+        batch_size=3,
+        max_tokens=40,
+        drop_first=True,
+        dtype="float16",
+        progress=False,
+    )
     _, tensors = _read(out)
     assert len(tensors) == 1 and tensors[0].dtype == torch.float16
     assert manifest["n_tokens"] == 40 and manifest["hook_module"] == "h.0.mlp" and manifest["layer"] is None
     torch.testing.assert_close(tensors[0].float(), expected[:40].half().float(), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # runs a transformer
 def test_document_per_file_uses_long_windows(tiny, tmp_path):
     folder, raw, model, texts, docs = tiny
     out = tmp_path / "out"
-    manifest = harvest(folder, [texts / "sub" / "b.txt"], out, layer=2, context_length=16, document="file",
-                       progress=False)
+    manifest = harvest(
+        folder, [texts / "sub" / "b.txt"], out, layer=2, context_length=16, document="file", progress=False
+    )
     ids = [raw.token_to_id(w) for w in " ".join(docs[7:]).split()]
-    windows = [[2, *ids[i:i + 15]] for i in range(0, len(ids), 15)]
+    windows = [[2, *ids[i : i + 15]] for i in range(0, len(ids), 15)]
     with torch.no_grad():
-        expected = torch.cat([model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states[2][0]
-                              for w in windows])
+        expected = torch.cat(
+            [model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states[2][0] for w in windows]
+        )
     assert manifest["n_tokens"] == len(ids) + len(windows)
     torch.testing.assert_close(open_vectors(out).read(0, len(expected)), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # runs a transformer
 def test_finished_harvest_is_refused_unless_overwrite(tiny, tmp_path):
     folder, _, _, texts, _ = tiny
     out = tmp_path / "out"
@@ -157,16 +224,51 @@ def test_finished_harvest_is_refused_unless_overwrite(tiny, tmp_path):
     assert [p.name for p in out.glob("*.safetensors")] == ["shard_00000.safetensors"]  # old shards gone
 
 
+@pytest.mark.slow  # runs a transformer
 def test_cli_arguments_and_run(tiny, tmp_path, capsys):
     folder, _, _, texts, _ = tiny
-    parser = argparse.ArgumentParser()
-    add_harvest_arguments(parser)
-    args = parser.parse_args(["--model", str(folder), "--text", str(texts), "--out", str(tmp_path / "o"),
-                              "--layer", "1", "--context-length", str(CONTEXT), "--max-tokens", "25",
-                              "--shard-size", "10", "--no-progress"])
-    assert run_harvest(args) == 0
+    code = run_cli(
+        [
+            "harvest",
+            "--model",
+            str(folder),
+            "--text",
+            str(texts),
+            "--out",
+            str(tmp_path / "o"),
+            "--layer",
+            "1",
+            "--context-length",
+            str(CONTEXT),
+            "--max-tokens",
+            "25",
+            "--shard-size",
+            "10",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
     assert "harvested 25 vectors of d=32" in capsys.readouterr().out
-    assert [len(t) for t in _read(tmp_path / "o")[1]] == [10, 10, 5]
+    _, tensors = _read(tmp_path / "o")
+    assert [len(t) for t in tensors] == [10, 10, 5]
+    torch.testing.assert_close(torch.cat(tensors), _expected(tiny, layer=1)[:25], rtol=1e-5, atol=1e-5)
+    manifest = json.loads((tmp_path / "o" / "harvest.json").read_text())
+    assert (manifest["layer"], manifest["context_length"], manifest["n_tokens"]) == (1, CONTEXT, 25)
+
+
+@pytest.mark.slow  # runs a transformer
+def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
+    folder, _, _, texts, _ = tiny
+    common = ["harvest", "--model", str(folder), "--text", str(texts), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert run_cli([*common, "--layer", "9"]) == 2
+    err = capsys.readouterr().err
+    # transformers may draw its own "Loading weights" bar on stderr first; saekit's part is one line.
+    assert "Traceback" not in err and err.endswith("\n")
+    assert [line for line in err.splitlines() if "saekit" in line] == [err.splitlines()[-1]]
+    assert err.splitlines()[-1].startswith("saekit: error: layer 9 is out of range")
+    assert_one_line_error(run_cli([*common, "--layer", "one"]), capsys.readouterr().err, "--layer")
+    assert_one_line_error(run_cli(common[:-3]), capsys.readouterr().err, "--out")  # a required option missing
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_model_folder_from_an_installed_package(tmp_path, monkeypatch):
@@ -179,19 +281,23 @@ def test_model_folder_from_an_installed_package(tmp_path, monkeypatch):
     assert resolve_model_folder(str(package / "model")) == package / "model"
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model="no/such/folder"), "neither a folder nor an installed Python package"),
-    (dict(model="TMP/empty"), "has no config.json"),
-    (dict(layer=N_LAYERS + 1), "layer 3 is out of range"),
-    (dict(layer=None, hook_module="h.9.mlp"), "no module 'h.9.mlp'"),
-    (dict(layer=None), "exactly one of --layer"),
-    (dict(texts="TMP/empty"), "no text files"),
-    (dict(texts="TMP/missing.txt"), "does not exist"),
-    (dict(texts="TMP/blank.txt"), "hold no tokens"),
-    (dict(context_length=1), "leaves no text tokens"),
-    (dict(context_length=17), "exceeds the model's 16 positions"),
-    (dict(shard_size=0), "shard_size is 0"),
-])
+@pytest.mark.slow  # runs a transformer
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model="no/such/folder"), "neither a folder nor an installed Python package"),
+        (dict(model="TMP/empty"), "has no config.json"),
+        (dict(layer=N_LAYERS + 1), "layer 3 is out of range"),
+        (dict(layer=None, hook_module="h.9.mlp"), "no module 'h.9.mlp'"),
+        (dict(layer=None), "exactly one of --layer"),
+        (dict(texts="TMP/empty"), "no text files"),
+        (dict(texts="TMP/missing.txt"), "does not exist"),
+        (dict(texts="TMP/blank.txt"), "hold no tokens"),
+        (dict(context_length=1), "leaves no text tokens"),
+        (dict(context_length=17), "exceeds the model's 16 positions"),
+        (dict(shard_size=0), "shard_size is 0"),
+    ],
+)
 def test_errors(tiny, tmp_path, change, message):
     folder, _, _, texts, _ = tiny
     (tmp_path / "empty").mkdir()
@@ -203,6 +309,7 @@ def test_errors(tiny, tmp_path, change, message):
     assert not any((tmp_path / "out").glob("*"))  # nothing written
 
 
+@pytest.mark.slow  # runs a transformer
 def test_missing_transformers_names_the_extra(tiny, tmp_path, monkeypatch):
     folder, _, _, texts, _ = tiny
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail

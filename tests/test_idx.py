@@ -7,7 +7,6 @@ The real MNIST / Fashion-MNIST files are checked against numbers from the data R
 import gzip
 import hashlib
 import http.client
-import os
 import struct
 from pathlib import Path
 
@@ -138,8 +137,9 @@ def test_missing_file(tmp_path):
 # ---------------------------------------------------------------- load_digits on small files
 
 
-def write_split(folder: Path, images: np.ndarray, labels: np.ndarray, monkeypatch,
-                image_code=0x08, label_code=0x08, register=True):
+def write_split(
+    folder: Path, images: np.ndarray, labels: np.ndarray, monkeypatch, image_code=0x08, label_code=0x08, register=True
+):
     """Write TEST_IMAGES / TEST_LABELS into folder; register their SHA-256 in idx.SHA256."""
     files = {
         TEST_IMAGES: idx_bytes(image_code, images.shape, images.astype(np.uint8).tobytes()),
@@ -269,8 +269,14 @@ def test_missing_without_download(tmp_path):
     with pytest.raises(UserError) as info:
         idx.load_digits("mnist", "test", data_dir=tmp_path, download=False)
     message = str(info.value)
-    for fragment in (TEST_IMAGES, TEST_LABELS, str(tmp_path / "mnist"), "downloading is off",
-                     "--data-dir", "SAEKIT_DATA_DIR"):
+    for fragment in (
+        TEST_IMAGES,
+        TEST_LABELS,
+        str(tmp_path / "mnist"),
+        "downloading is off",
+        "--data-dir",
+        "SAEKIT_DATA_DIR",
+    ):
         assert fragment in message, message
     assert list(tmp_path.iterdir()) == []  # nothing fetched, nothing created
 
@@ -319,8 +325,16 @@ def test_download_all_mirrors_fail(tmp_path, mirrors, monkeypatch):
     with pytest.raises(UserError) as info:
         idx.load_digits("mnist", "test", data_dir=root)
     message = str(info.value)
-    for fragment in (TEST_IMAGES, TEST_LABELS, str(root / "mnist"), "wrong SHA-256", mirrors["dead"],
-                     "--data-dir", "SAEKIT_DATA_DIR", "internet"):
+    for fragment in (
+        TEST_IMAGES,
+        TEST_LABELS,
+        str(root / "mnist"),
+        "wrong SHA-256",
+        mirrors["dead"],
+        "--data-dir",
+        "SAEKIT_DATA_DIR",
+        "internet",
+    ):
         assert fragment in message, message
     assert list((root / "mnist").iterdir()) == []  # no temp files, no half files
 

@@ -12,7 +12,7 @@ from saekit.errors import UserError
 
 def _gain(f, n, f0_fraction=0.4):
     """The whitening filter's gain at radial frequency f cycles/picture, by hand."""
-    return f * np.exp(-(f / (f0_fraction * n)) ** 4)
+    return f * np.exp(-((f / (f0_fraction * n)) ** 4))
 
 
 def _cosine(n, fx, fy):
@@ -37,10 +37,11 @@ def _encoded_images(rows, cols, n):
 
 # --- whitening ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fx, fy", [(3, 4), (0, 1), (7, -2), (10, 9), (16, 16)])
 def test_whiten_scales_a_cosine_by_the_filter_gain(fx, fy):
     n = 32
-    image = 2.5 * _cosine(n, fx, fy) + 7.0          # the constant is DC, which must vanish
+    image = 2.5 * _cosine(n, fx, fy) + 7.0  # the constant is DC, which must vanish
     expected = 2.5 * _gain(np.hypot(fx, fy), n) * _cosine(n, fx, fy)
     np.testing.assert_allclose(I.whiten(image), expected, atol=1e-10)
 
@@ -52,7 +53,7 @@ def test_whiten_matches_the_matlab_construction_with_explicit_dft():
     image = np.random.default_rng(1).normal(size=(n, n))
     fx, fy = np.meshgrid(np.arange(-n // 2, n // 2), np.arange(-n // 2, n // 2))
     rho = np.sqrt(fx * fx + fy * fy)
-    filt = np.roll(rho * np.exp(-(rho / (0.4 * n)) ** 4), (-n // 2, -n // 2), axis=(0, 1))
+    filt = np.roll(rho * np.exp(-((rho / (0.4 * n)) ** 4)), (-n // 2, -n // 2), axis=(0, 1))
     dft = np.exp(-2j * np.pi * np.outer(np.arange(n), np.arange(n)) / n)
     spectrum = dft @ image @ dft.T
     expected = (dft.conj() @ (spectrum * filt) @ dft.conj().T).real / n**2
@@ -61,14 +62,20 @@ def test_whiten_matches_the_matlab_construction_with_explicit_dft():
 
 def test_whiten_f0_fraction_moves_the_roll_off():
     n = 32
-    image = _cosine(n, 8, 6)                         # 10 cycles/picture
-    np.testing.assert_allclose(I.whiten(image, f0_fraction=0.2),
-                               _gain(10, n, 0.2) * image, atol=1e-10)
+    image = _cosine(n, 8, 6)  # 10 cycles/picture
+    np.testing.assert_allclose(I.whiten(image, f0_fraction=0.2), _gain(10, n, 0.2) * image, atol=1e-10)
 
 
-@pytest.mark.parametrize("image, f0_fraction", [
-    (np.zeros((4, 5)), 0.4), (np.zeros(4), 0.4), (np.zeros((1, 1)), 0.4),
-    (np.full((4, 4), np.nan), 0.4), (np.zeros((4, 4)), 0.0)])
+@pytest.mark.parametrize(
+    "image, f0_fraction",
+    [
+        (np.zeros((4, 5)), 0.4),
+        (np.zeros(4), 0.4),
+        (np.zeros((1, 1)), 0.4),
+        (np.full((4, 4), np.nan), 0.4),
+        (np.zeros((4, 4)), 0.0),
+    ],
+)
 def test_whiten_rejects_bad_input(image, f0_fraction):
     with pytest.raises(UserError):
         I.whiten(image, f0_fraction)
@@ -86,8 +93,7 @@ def test_whitened_images_scales_the_set_to_mean_variance_point_one():
     out = I.whitened_images(raw)
     assert out.shape == (n, n, 2)
     for i, f in enumerate(freqs):
-        np.testing.assert_allclose(out[:, :, i], scale * whitened_amp[i] * _cosine(n, *f),
-                                   atol=1e-10)
+        np.testing.assert_allclose(out[:, :, i], scale * whitened_amp[i] * _cosine(n, *f), atol=1e-10)
 
 
 def test_whitened_images_mean_variance_on_random_images():
@@ -96,17 +102,17 @@ def test_whitened_images_mean_variance_on_random_images():
     out = I.whitened_images(images)
     variances = [np.var(out[:, :, i], ddof=1) for i in range(3)]
     assert np.mean(variances) == pytest.approx(0.1)
-    assert variances[0] < variances[1] < variances[2]    # relative contrast is kept
+    assert variances[0] < variances[1] < variances[2]  # relative contrast is kept
 
 
-@pytest.mark.parametrize("images", [[], [np.zeros((4, 4)), np.zeros((6, 6))],
-                                    [np.ones((4, 4))]])
+@pytest.mark.parametrize("images", [[], [np.zeros((4, 4)), np.zeros((6, 6))], [np.ones((4, 4))]])
 def test_whitened_images_rejects_empty_mixed_or_flat_sets(images):
     with pytest.raises(UserError):
         I.whitened_images(images)
 
 
 # --- bundled photographs -----------------------------------------------------------------
+
 
 def test_bundled_photographs_load_offline_as_grey_even_squares(monkeypatch):
     def no_network(*args, **kwargs):
@@ -120,7 +126,7 @@ def test_bundled_photographs_load_offline_as_grey_even_squares(monkeypatch):
     assert side % 2 == 0 and side >= 256
     for photo in photos:
         assert photo.shape == (side, side) and photo.dtype == np.float64
-        assert 0.0 <= photo.min() and photo.max() <= 1.0 and photo.std() > 0.02
+        assert photo.min() >= 0.0 and photo.max() <= 1.0 and photo.std() > 0.02
         assert not photo.flags.writeable
 
 
@@ -131,8 +137,9 @@ def test_whitening_flattens_the_power_spectrum_of_the_photographs():
     whitened = I.whitened_images(photos)
 
     def low_to_mid(images):
-        return (sum(_radial_power(im - im.mean(), 4, 8) for im in images)
-                / sum(_radial_power(im - im.mean(), 32, 64) for im in images))
+        return sum(_radial_power(im - im.mean(), 4, 8) for im in images) / sum(
+            _radial_power(im - im.mean(), 32, 64) for im in images
+        )
 
     raw_ratio = low_to_mid(photos)
     white_ratio = low_to_mid([whitened[:, :, i] for i in range(whitened.shape[2])])
@@ -142,6 +149,7 @@ def test_whitening_flattens_the_power_spectrum_of_the_photographs():
 
 # --- patch sampling ----------------------------------------------------------------------
 
+
 def test_sample_patches_are_real_sub_windows_covering_every_corner():
     rows, cols, n, p = 10, 11, 2, 8
     images = _encoded_images(rows, cols, n)
@@ -150,27 +158,33 @@ def test_sample_patches_are_real_sub_windows_covering_every_corner():
     corners = set()
     for patch in patches:
         k, r, c = int(patch[0]) // 10000, int(patch[0]) % 10000 // 100, int(patch[0]) % 100
-        np.testing.assert_array_equal(patch, images[r:r + p, c:c + p, k].ravel())
+        np.testing.assert_array_equal(patch, images[r : r + p, c : c + p, k].ravel())
         corners.add((k, r, c))
     # Every top-left corner of every image is reachable, and nothing beyond.
-    assert corners == {(k, r, c) for k in range(n) for r in range(rows - p + 1)
-                       for c in range(cols - p + 1)}
+    assert corners == {(k, r, c) for k in range(n) for r in range(rows - p + 1) for c in range(cols - p + 1)}
 
 
 def test_sample_patches_order_f_is_matlab_column_major():
     images = _encoded_images(12, 12, 3)
     c_order = I.sample_patches(images, 4, 50, rng=np.random.default_rng(5))
     f_order = I.sample_patches(images, 4, 50, rng=np.random.default_rng(5), order="F")
-    np.testing.assert_array_equal(f_order.reshape(50, 4, 4),
-                                  c_order.reshape(50, 4, 4).transpose(0, 2, 1))
+    np.testing.assert_array_equal(f_order.reshape(50, 4, 4), c_order.reshape(50, 4, 4).transpose(0, 2, 1))
     # In patch(:), the second value is one row down (+100), in row-major one column right (+1).
     np.testing.assert_array_equal(f_order[:, 1] - f_order[:, 0], 100)
     np.testing.assert_array_equal(c_order[:, 1] - c_order[:, 0], 1)
 
 
-@pytest.mark.parametrize("shape, p, n, order", [
-    ((8, 8), 4, 10, "C"), ((8, 8, 2), 9, 10, "C"), ((8, 8, 2), 0, 10, "C"),
-    ((8, 8, 2), 2.5, 10, "C"), ((8, 8, 2), 4, 0, "C"), ((8, 8, 2), 4, 10, "K")])
+@pytest.mark.parametrize(
+    "shape, p, n, order",
+    [
+        ((8, 8), 4, 10, "C"),
+        ((8, 8, 2), 9, 10, "C"),
+        ((8, 8, 2), 0, 10, "C"),
+        ((8, 8, 2), 2.5, 10, "C"),
+        ((8, 8, 2), 4, 0, "C"),
+        ((8, 8, 2), 4, 10, "K"),
+    ],
+)
 def test_sample_patches_rejects_bad_input(shape, p, n, order):
     with pytest.raises(UserError):
         I.sample_patches(np.zeros(shape), p, n, rng=np.random.default_rng(0), order=order)
@@ -178,12 +192,13 @@ def test_sample_patches_rejects_bad_input(shape, p, n, order):
 
 # --- normalisation -----------------------------------------------------------------------
 
+
 def test_normalize_patches_on_a_hand_built_array():
     # 49 patches [d+1, d-1] and one [d+7, d-7], each with its own DC d. After DC removal the
     # values are +/-1 (98 of them) and +/-7: mean 0, so std^2 = (98 + 2*49) / 99 (ddof=1).
     dc = np.arange(50.0) * 3 - 20
     centred = np.array([[1.0, -1.0]] * 49 + [[7.0, -7.0]])
-    pstd = 3 * np.sqrt((98 + 2 * 49) / 99)           # 4.22..., so +/-7 is clipped
+    pstd = 3 * np.sqrt((98 + 2 * 49) / 99)  # 4.22..., so +/-7 is clipped
     out = I.normalize_patches(centred + dc[:, None])
     np.testing.assert_allclose(out[:49, 0], 0.5 + 0.4 / pstd)
     np.testing.assert_allclose(out[:49, 1], 0.5 - 0.4 / pstd)
@@ -197,19 +212,21 @@ def test_normalize_patches_is_linear_inside_three_std_and_clipped_outside():
     out = I.normalize_patches(patches)
     assert out.min() >= 0.1 and out.max() <= 0.9
     inside = np.abs(centred) <= pstd
-    assert 0 < (~inside).sum() < 0.05 * inside.size     # heavy tails: some, not many, clipped
+    assert 0 < (~inside).sum() < 0.05 * inside.size  # heavy tails: some, not many, clipped
     np.testing.assert_allclose(out[inside], 0.5 + 0.4 * centred[inside] / pstd)
     np.testing.assert_allclose(out[~inside], np.where(centred[~inside] > 0, 0.9, 0.1))
 
 
-@pytest.mark.parametrize("patches", [np.zeros(5), np.zeros((1, 1)), np.ones((4, 3)),
-                                     np.array([[0.0, np.inf], [1.0, 2.0]])])
+@pytest.mark.parametrize(
+    "patches", [np.zeros(5), np.zeros((1, 1)), np.ones((4, 3)), np.array([[0.0, np.inf], [1.0, 2.0]])]
+)
 def test_normalize_patches_rejects_bad_input(patches):
     with pytest.raises(UserError):
         I.normalize_patches(patches)
 
 
 # --- IMAGES.mat --------------------------------------------------------------------------
+
 
 def test_load_images_mat_round_trip(tmp_path):
     images = np.random.default_rng(4).normal(size=(6, 5, 3))
@@ -223,8 +240,7 @@ def test_load_images_mat_round_trip(tmp_path):
 def test_load_images_mat_reads_a_2d_images_as_one_image(tmp_path):
     path = tmp_path / "one.mat"
     scipy.io.savemat(path, {"IMAGES": np.arange(12.0).reshape(3, 4)})
-    np.testing.assert_array_equal(I.load_images_mat(path)[:, :, 0],
-                                  np.arange(12.0).reshape(3, 4))
+    np.testing.assert_array_equal(I.load_images_mat(path)[:, :, 0], np.arange(12.0).reshape(3, 4))
 
 
 def _v73_header():
@@ -239,12 +255,15 @@ def _truncated_mat(path):
     return path.read_bytes()[:300]
 
 
-@pytest.mark.parametrize("contents, message", [
-    (lambda p: b"not a mat file at all " * 20, "not a readable MATLAB"),
-    (lambda p: b"", "not a readable MATLAB"),
-    (_truncated_mat, "not a readable MATLAB"),
-    (lambda p: _v73_header(), "save -v7"),
-])
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (lambda p: b"not a mat file at all " * 20, "not a readable MATLAB"),
+        (lambda p: b"", "not a readable MATLAB"),
+        (_truncated_mat, "not a readable MATLAB"),
+        (lambda p: _v73_header(), "save -v7"),
+    ],
+)
 def test_load_images_mat_rejects_bad_files(tmp_path, contents, message):
     path = tmp_path / "IMAGES.mat"
     path.write_bytes(contents(path))
@@ -257,13 +276,15 @@ def test_load_images_mat_missing_file_says_where_and_how(tmp_path):
         I.load_images_mat(tmp_path / "nowhere.mat")
 
 
-@pytest.mark.parametrize("variables, message", [
-    ({"images": np.ones((4, 4, 2)), "labels": np.ones(3)},
-     r"no variable named IMAGES.*'images', 'labels'"),
-    ({"IMAGES": np.ones((4, 4, 2, 2))}, "rows x cols x n_images"),
-    ({"IMAGES": "some text"}, "rows x cols x n_images"),
-    ({"IMAGES": np.full((4, 4, 2), np.nan)}, "NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"images": np.ones((4, 4, 2)), "labels": np.ones(3)}, r"no variable named IMAGES.*'images', 'labels'"),
+        ({"IMAGES": np.ones((4, 4, 2, 2))}, "rows x cols x n_images"),
+        ({"IMAGES": "some text"}, "rows x cols x n_images"),
+        ({"IMAGES": np.full((4, 4, 2), np.nan)}, "NaN or inf"),
+    ],
+)
 def test_load_images_mat_rejects_bad_contents(tmp_path, variables, message):
     path = tmp_path / "IMAGES.mat"
     scipy.io.savemat(path, variables)
@@ -272,6 +293,7 @@ def test_load_images_mat_rejects_bad_contents(tmp_path, variables, message):
 
 
 # --- the whole pipeline ------------------------------------------------------------------
+
 
 def test_natural_image_patches_are_deterministic_normalised_rows():
     a = I.natural_image_patches(2000, seed=7)

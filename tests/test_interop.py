@@ -1,4 +1,4 @@
-"""saekit.interop: SAELens folders out and in.
+"""saekit.interop.saelens: SAELens folders out and in (and `saekit export` / `saekit import`).
 
 The yardstick is `saelens_forward`, SAELens's inference arithmetic (SAELens 6: StandardSAE,
 TopKSAE, JumpReLUSAE) written out plainly here from its cfg.json fields and tensors; nothing in
@@ -6,18 +6,19 @@ it comes from saekit. When sae_lens itself is installed (it is not a saekit depe
 exported folders are also loaded with SAE.load_from_disk.
 """
 
-import argparse
 import json
 
 import pytest
 import safetensors.torch
 import torch
+from conftest import assert_one_line_error, make_model, run_cli
 
-from saekit import runs
+from saekit.config import TrainConfig
 from saekit.errors import UserError
-from saekit.interop import (add_export_arguments, add_import_arguments, export_saelens, import_saelens,
-                            run_export, run_import)
-from saekit.model import SparseAutoencoder
+from saekit.files import read_json
+from saekit.interop.saelens import export_saelens, import_saelens
+from saekit.run import RunFolder
+from saekit.train import OptimConfig
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -26,7 +27,9 @@ def saelens_forward(cfg: dict, t: dict, x: torch.Tensor):
     """(codes, reconstruction) of a SAELens SAE with config `cfg` and tensors `t` for x (batch, d_in)."""
     sae_in = x - t["b_dec"] if cfg.get("apply_b_dec_to_input", True) else x
     hidden_pre = sae_in @ t["W_enc"] + t["b_enc"]
-    norms = t["W_dec"].norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm") else torch.ones(cfg["d_sae"], dtype=x.dtype)
+    norms = (
+        t["W_dec"].norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm") else torch.ones(cfg["d_sae"], dtype=x.dtype)
+    )
     hidden_pre = hidden_pre * norms
     if cfg.get("architecture") == "jumprelu":
         acts = hidden_pre.relu() * (hidden_pre > t["threshold"])
@@ -41,8 +44,17 @@ def saelens_forward(cfg: dict, t: dict, x: torch.Tensor):
 
 def random_model(activation, dtype=torch.float64, pre_bias=True, seed=0, n_inputs=6, n_hidden=12):
     """A dictionary with non-zero biases and thresholds that some codes pass and some do not."""
-    model = SparseAutoencoder(n_inputs, n_hidden, activation, "linear", dtype=dtype, k=3, pre_bias=pre_bias,
-                              seed=seed, jumprelu_bandwidth=0.05)
+    model = make_model(
+        n_inputs,
+        n_hidden,
+        activation,
+        "linear",
+        dtype=dtype,
+        k=3,
+        pre_bias=pre_bias,
+        seed=seed,
+        jumprelu_bandwidth=0.05,
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.b1.copy_(0.3 * torch.randn(n_hidden, generator=g))
@@ -55,13 +67,15 @@ def random_model(activation, dtype=torch.float64, pre_bias=True, seed=0, n_input
 
 
 def inputs(model, n=50, seed=1):
-    return torch.randn(n, model.n_inputs, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(model.W1.dtype)
+    return torch.randn(n, model.n_inputs, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
+        model.W1.dtype
+    )
 
 
 @torch.no_grad()
 def codes_and_reconstruction(model, x):
     out = model.eval()(x)
-    return model.dense_codes(out.h), out.x_hat
+    return model.dense_codes(out.codes), out.x_hat
 
 
 def write_folder(folder, cfg: dict, tensors: dict):
@@ -73,7 +87,9 @@ def write_folder(folder, cfg: dict, tensors: dict):
 
 
 def read_folder(folder):
-    return json.loads((folder / "cfg.json").read_text()), safetensors.torch.load_file(folder / "sae_weights.safetensors")
+    return json.loads((folder / "cfg.json").read_text()), safetensors.torch.load_file(
+        folder / "sae_weights.safetensors"
+    )
 
 
 # --- export
@@ -103,7 +119,9 @@ def test_round_trip_gives_back_the_same_dictionary(tmp_path, activation, dtype, 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_exported_folder_computes_what_saekit_computes(tmp_path, activation):
     model = random_model(activation, seed=3)
-    cfg, tensors = read_folder(export_saelens(model, tmp_path / "sae", model_name="gpt2", hook_name="blocks.3.hook_resid_post"))
+    cfg, tensors = read_folder(
+        export_saelens(model, tmp_path / "sae", model_name="gpt2", hook_name="blocks.3.hook_resid_post")
+    )
     assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(activation, "jumprelu")
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (6, 12, "float64", "none")
     assert cfg["metadata"]["model_name"] == "gpt2" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
@@ -140,7 +158,7 @@ def test_unestimated_batchtopk_threshold_acts_as_relu_in_both(tmp_path):
 
 @pytest.mark.parametrize("activation,output", [("sigmoid", "linear"), ("relu", "sigmoid"), ("sigmoid", "sigmoid")])
 def test_sigmoid_dictionaries_are_refused(tmp_path, activation, output):
-    model = SparseAutoencoder(6, 4, activation, output)
+    model = make_model(6, 4, activation, output)
     with pytest.raises(UserError, match="no SAELens equivalent"):
         export_saelens(model, tmp_path / "sae")
     assert not (tmp_path / "sae").exists()
@@ -152,10 +170,10 @@ def test_export_does_not_overwrite_unless_asked_nor_ever_a_run_folder(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         export_saelens(model, tmp_path / "sae")
     export_saelens(model, tmp_path / "sae", overwrite=True)
-    runs.save_model(tmp_path / "run", model)
+    RunFolder(tmp_path / "run").save_model(model)
     with pytest.raises(UserError, match="saekit run folder"):
         export_saelens(model, tmp_path / "run", overwrite=True)
-    assert runs.read_json(tmp_path / "run" / "cfg.json") == model.architecture()
+    assert read_json(tmp_path / "run" / "cfg.json") == model.architecture()
 
 
 # --- import
@@ -163,23 +181,39 @@ def test_export_does_not_overwrite_unless_asked_nor_ever_a_run_folder(tmp_path):
 
 def known_tensors(d_in=4, d_sae=5, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    return {"W_enc": randn(d_in, d_sae), "b_enc": 0.2 * randn(d_sae), "W_dec": 2 * randn(d_sae, d_in), "b_dec": randn(d_in)}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    return {
+        "W_enc": randn(d_in, d_sae),
+        "b_enc": 0.2 * randn(d_sae),
+        "W_dec": 2 * randn(d_sae, d_in),
+        "b_dec": randn(d_in),
+    }
 
 
 def saelens6_cfg(architecture, apply_b_dec_to_input=True, dtype="float64", **fields):
-    return {"d_in": 4, "d_sae": 5, "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": apply_b_dec_to_input,
-            "normalize_activations": "none", "reshape_activations": "none",
-            "metadata": {"sae_lens_version": "6.54.12", "sae_lens_training_version": "6.54.12"},
-            "architecture": architecture, **fields}
+    return {
+        "d_in": 4,
+        "d_sae": 5,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.54.12", "sae_lens_training_version": "6.54.12"},
+        "architecture": architecture,
+        **fields,
+    }
 
 
 def check_import(folder, cfg, tensors, activation, k=None):
     model = import_saelens(folder)
-    assert (model.n_inputs, model.n_hidden, model.activation, model.output) == (4, 5, activation, "linear")
-    assert model.pre_bias == cfg.get("apply_b_dec_to_input", True)
+    assert (model.n_inputs, model.n_hidden, model.kind, model.cfg.output) == (4, 5, activation, "linear")
+    assert model.cfg.pre_bias == cfg.get("apply_b_dec_to_input", True)
     if k is not None:
-        assert model.k == k
+        assert model.cfg.k == k
     x = inputs(model, n=40, seed=2)
     expected_codes, expected_x_hat = saelens_forward(cfg, {n: t.to(model.W1.dtype) for n, t in tensors.items()}, x)
     codes, x_hat = codes_and_reconstruction(model, x)
@@ -205,7 +239,9 @@ def test_import_jumprelu_keeps_thresholds_and_reads_zero_or_negative_ones_as_rel
     model = check_import(write_folder(tmp_path / "sae", cfg, tensors), cfg, tensors, "jumprelu")
     theta = model.jumprelu.log_threshold.detach().exp()
     # saekit keeps log theta: exp of a float need not hit every float theta, but comes within an ulp
-    torch.testing.assert_close(theta, torch.tensor([0.3, 0.05, 0.0, 0.0, 1.7], dtype=torch.float64), rtol=2.3e-16, atol=0)
+    torch.testing.assert_close(
+        theta, torch.tensor([0.3, 0.05, 0.0, 0.0, 1.7], dtype=torch.float64), rtol=2.3e-16, atol=0
+    )
 
 
 def test_import_topk_with_decoder_norm_rescaling_folds_the_norms(tmp_path):
@@ -215,10 +251,21 @@ def test_import_topk_with_decoder_norm_rescaling_folds_the_norms(tmp_path):
 
 
 def test_import_pre_6_config(tmp_path):
-    """SAELens 5: activation_fn_str and its kwargs, no architecture, boolean normalize_activations, unit scaling_factor."""
-    cfg = {"d_in": 4, "d_sae": 5, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
-           "hook_point": "blocks.0.hook_resid_pre", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3},
-           "apply_b_dec_to_input": False, "normalize_activations": False, "finetuning_scaling_factor": False}
+    """SAELens 5: activation_fn_str and its kwargs, no architecture, boolean normalize_activations, unit
+    scaling_factor."""
+    cfg = {
+        "d_in": 4,
+        "d_sae": 5,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "gpt2-small",
+        "hook_point": "blocks.0.hook_resid_pre",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "apply_b_dec_to_input": False,
+        "normalize_activations": False,
+        "finetuning_scaling_factor": False,
+    }
     tensors = known_tensors(dtype=torch.float32)
     write_folder(tmp_path / "sae", cfg, tensors | {"scaling_factor": torch.ones(5)})
     model = check_import(tmp_path / "sae", cfg, tensors, "topk", k=3)
@@ -231,20 +278,23 @@ def test_import_widens_half_precision_to_float32(tmp_path):
     assert model.W1.dtype == torch.float32 and torch.equal(model.W1, tensors["W_enc"].T.float())
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda cfg, t: cfg.update(architecture="gated"), "unknown SAELens architecture 'gated'"),
-    (lambda cfg, t: cfg.update(architecture="batchtopk"), "save_inference_model"),
-    (lambda cfg, t: cfg.update(activation_fn="tanh-relu"), "no saekit equivalent"),
-    (lambda cfg, t: cfg.update(normalize_activations="layer_norm"), "normalize_activations"),
-    (lambda cfg, t: cfg.update(d_in=3), r"W_enc has shape \(4, 5\), but d_in = 3"),
-    (lambda cfg, t: cfg.pop("d_sae"), "d_sae must be a whole number"),
-    (lambda cfg, t: cfg.update(architecture="topk"), "k must be a whole number"),
-    (lambda cfg, t: t.update(W_dec=t["W_dec"].T), r"W_dec has shape \(4, 5\)"),
-    (lambda cfg, t: t.pop("b_enc"), "needs exactly"),
-    (lambda cfg, t: cfg.update(architecture="jumprelu"), "needs exactly"),
-    (lambda cfg, t: t["b_dec"].__setitem__(0, torch.nan), "b_dec must hold finite"),
-    (lambda cfg, t: t.update(scaling_factor=torch.full((5,), 2.0, dtype=torch.float64)), "scaling_factor"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda cfg, t: cfg.update(architecture="gated"), "SAELens architecture 'gated'.* has no saekit equivalent"),
+        (lambda cfg, t: cfg.update(architecture="batchtopk"), "save_inference_model"),
+        (lambda cfg, t: cfg.update(activation_fn="tanh-relu"), "no saekit equivalent"),
+        (lambda cfg, t: cfg.update(normalize_activations="layer_norm"), "normalize_activations"),
+        (lambda cfg, t: cfg.update(d_in=3), r"W_enc has shape \(4, 5\), but d_in and d_sae make it \(3, 5\)"),
+        (lambda cfg, t: cfg.pop("d_sae"), "d_sae must be a whole number"),
+        (lambda cfg, t: cfg.update(architecture="topk"), "k must be a whole number"),
+        (lambda cfg, t: t.update(W_dec=t["W_dec"].T), r"W_dec has shape \(4, 5\)"),
+        (lambda cfg, t: t.pop("b_enc"), r"holds tensors \['W_dec', 'W_enc', 'b_dec'\], but this SAE needs"),
+        (lambda cfg, t: cfg.update(architecture="jumprelu"), "needs exactly"),
+        (lambda cfg, t: t["b_dec"].__setitem__(0, torch.nan), "b_dec must hold finite"),
+        (lambda cfg, t: t.update(scaling_factor=torch.full((5,), 2.0, dtype=torch.float64)), "scaling_factor"),
+    ],
+)
 def test_import_bad_folders_raise_one_clear_user_error(tmp_path, change, message):
     cfg, tensors = saelens6_cfg("standard"), known_tensors()
     change(cfg, tensors)
@@ -255,7 +305,7 @@ def test_import_bad_folders_raise_one_clear_user_error(tmp_path, change, message
 def test_import_missing_or_corrupt_files(tmp_path):
     with pytest.raises(UserError, match="cfg.json is missing"):
         import_saelens(tmp_path)
-    runs.save_model(tmp_path / "run", random_model("relu"))  # a saekit run folder is not a SAELens one
+    RunFolder(tmp_path / "run").save_model(random_model("relu"))  # a saekit run folder is not a SAELens one
     with pytest.raises(UserError, match="sae_weights.safetensors is missing"):
         import_saelens(tmp_path / "run")
     write_folder(tmp_path / "sae", saelens6_cfg("standard"), known_tensors())
@@ -267,29 +317,28 @@ def test_import_missing_or_corrupt_files(tmp_path):
         import_saelens(tmp_path / "sae")
 
 
-# --- command line helpers
+# --- command line
 
 
-def test_run_export_and_run_import_go_through_run_folders(tmp_path, capsys):
+def test_export_and_import_commands_go_through_run_folders(tmp_path, capsys):
     model = random_model("jumprelu")
-    runs.save_model(tmp_path / "run", model)
-    export = argparse.ArgumentParser()
-    add_export_arguments(export)
-    assert run_export(export.parse_args([str(tmp_path / "run"), "--out", str(tmp_path / "sae"), "--hook-name", "h"])) == 0
+    run = RunFolder.create(tmp_path / "run", "run")
+    run.save_model(model)
+    run.save_config(TrainConfig(model=model.cfg, optim=OptimConfig(optimizer="adam")), "custom")
+    assert run_cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "sae"), "--hook-name", "h"]) == 0
     assert read_folder(tmp_path / "sae")[0]["metadata"]["hook_name"] == "h"
-    imp = argparse.ArgumentParser()
-    add_import_arguments(imp)
-    assert run_import(imp.parse_args([str(tmp_path / "sae"), "--out", str(tmp_path / "back")])) == 0
-    back = runs.load_model(tmp_path / "back")
-    assert back.architecture() == model.architecture()
-    x = inputs(model)
-    assert torch.equal(codes_and_reconstruction(back, x)[1], codes_and_reconstruction(model, x)[1])
-    cfg = runs.load_config(tmp_path / "back")
-    assert (cfg.activation, cfg.n_hidden, cfg.pre_bias, cfg.output) == ("jumprelu", 12, True, "linear")
-    assert runs.read_json(tmp_path / "back" / "cfg.json") == model.architecture()
-    with pytest.raises(UserError, match="already holds a run"):
-        run_import(imp.parse_args([str(tmp_path / "sae"), "--out", str(tmp_path / "back")]))
     assert "SAELens 'jumprelu' SAE" in capsys.readouterr().out
+    assert run_cli(["import", str(tmp_path / "sae"), "--out", str(tmp_path / "back")]) == 0
+    back = RunFolder.open(tmp_path / "back")
+    assert back.load_model().architecture() == model.architecture()
+    x = inputs(model)
+    assert torch.equal(codes_and_reconstruction(back.load_model(), x)[1], codes_and_reconstruction(model, x)[1])
+    cfg = back.load_config().model
+    assert (cfg.kind, cfg.n_hidden, cfg.pre_bias, cfg.output) == ("jumprelu", 12, True, "linear")
+    assert read_json(tmp_path / "back" / "cfg.json") == model.architecture()
+    capsys.readouterr()
+    code = run_cli(["import", str(tmp_path / "sae"), "--out", str(tmp_path / "back")])
+    assert_one_line_error(code, capsys.readouterr().err, "already holds a run")
 
 
 # --- SAELens itself, where installed

@@ -1,9 +1,9 @@
-"""saekit.training.Minibatch on modern dictionaries: one step against a dense autograd reference
-(penalties, AuxK, running rho_hat), dictionary recovery on synthetic data, decoder normalisation,
-initialisations, the input scale, dead-unit counters, exact resume (in-process and through the CLI),
-evaluate_stream, `saekit eval`, and damaged checkpoints."""
+"""saekit.train.Minibatch on modern dictionaries: one step against a dense autograd reference
+(the kinds' penalties and AuxK, running rho_hat), dictionary recovery on synthetic data, decoder
+normalisation, initialisations, the input scale, dead-unit counters, exact resume (in-process through
+saekit.run.RunFolder's checkpoints, and through the CLI), saekit.eval.evaluate_stream, `saekit eval`,
+and damaged checkpoints."""
 
-import copy
 import json
 import os
 import shutil
@@ -11,20 +11,18 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
 import safetensors.torch
 import scipy.optimize
 import torch
+from conftest import assert_one_line_error, make_model, run_cli
 
-from saekit import runs
-from saekit.cli import main
-from saekit.config import TrainConfig
+from saekit.config import PART_OF, TrainConfig, kind_fields
 from saekit.data.synthetic import SyntheticDictionary, recovery_score
 from saekit.data.vectors import open_vectors
 from saekit.errors import UserError
-from saekit.metrics import evaluate_stream
-from saekit.model import SparseAutoencoder
-from saekit.training import Minibatch
+from saekit.eval import evaluate_stream
+from saekit.run import RunFolder, load_model
+from saekit.train import Minibatch
 
 D, N_HIDDEN = 16, 64
 
@@ -38,17 +36,31 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _cfg(**kw):
-    settings = dict(optimizer="adam", lr=1e-2, output="linear", penalty="none", weight_decay=0.0, batch_size=25,
-                    steps=5, log_every=1, n_hidden=N_HIDDEN, k=4)
-    settings.update(kw)
-    return TrainConfig(**settings)
+DEFAULTS = dict(
+    optimizer="adam",
+    lr=1e-2,
+    output="linear",
+    penalty="none",
+    weight_decay=0.0,
+    batch_size=25,
+    steps=5,
+    log_every=1,
+    n_hidden=N_HIDDEN,
+    k=4,
+)
+
+
+def _cfg(kind="sigmoid", **kw):
+    """The run's settings, flat: DEFAULTS (those the kind has), then kw (which must all be the kind's or a part's)."""
+    own = kind_fields(kind)
+    defaults = {name: value for name, value in DEFAULTS.items() if name in PART_OF or name in own}
+    return TrainConfig.from_flat({**defaults, "kind": kind, **kw})
 
 
 def _model(cfg, d=D):
-    return SparseAutoencoder(d, cfg.n_hidden, cfg.activation, cfg.output, dtype=getattr(torch, cfg.dtype),
-                             seed=cfg.seed, k=cfg.k, pre_bias=cfg.pre_bias, tied_init=cfg.tied_init,
-                             jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+    m = cfg.model
+    settings = {name: value for name, value in m.to_dict().items() if name not in ("kind", "n_hidden", "output")}
+    return make_model(d, m.n_hidden, m.kind, m.output, dtype=cfg.run.torch_dtype, seed=cfg.run.seed, **settings)
 
 
 def _data(n=100, d=D, seed=0, offset=0.3):
@@ -59,8 +71,16 @@ def _unit_interval(n=100, d=D, seed=0):
     return 0.1 + 0.8 * torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _trainer(x, cfg, state=None, model=None):
-    return Minibatch(_model(cfg, x.shape[1]) if model is None else model, open_vectors(x), cfg, state)
+def _trainer(x, cfg, state=None, model=None, history=None):
+    return Minibatch(
+        _model(cfg, x.shape[1]) if model is None else model,
+        open_vectors(x),
+        cfg.optim,
+        seed=cfg.run.seed,
+        corruption=cfg.data.corruption_fn(),
+        state=state,
+        history=history,
+    )
 
 
 def _tensors(model):
@@ -83,47 +103,50 @@ def _topk_mask(z2, k):
 def _reference(params, x, cfg, dead=None):
     """The loss terms of one full batch, written out densely: (loss to differentiate, terms, error, h)."""
     W1, b1, W2, b2 = params
-    z2 = ((x - b2) if cfg.pre_bias else x) @ W1.T + b1
-    if cfg.activation == "sigmoid":
+    s = cfg.flat()  # the run's settings; a kind without a penalty has none
+    penalty = s.get("penalty", "none")
+    z2 = ((x - b2) if s["pre_bias"] else x) @ W1.T + b1
+    if s["kind"] == "sigmoid":
         h = torch.sigmoid(z2)
-    elif cfg.activation == "relu":
+    elif s["kind"] == "relu":
         h = z2.relu()
-    elif cfg.activation == "topk":
-        h = z2.relu() * _topk_mask(z2.detach(), cfg.k)
+    elif s["kind"] == "topk":
+        h = z2.relu() * _topk_mask(z2.detach(), s["k"])
     else:  # batchtopk: the k * batch largest of the batch
         flat = torch.zeros(z2.numel(), dtype=torch.bool)
-        flat[z2.detach().reshape(-1).topk(cfg.k * z2.shape[0]).indices] = True
+        flat[z2.detach().reshape(-1).topk(s["k"] * z2.shape[0]).indices] = True
         h = z2.relu() * flat.view_as(z2)
     x_hat = h @ W2.T + b2
-    x_hat = torch.sigmoid(x_hat) if cfg.output == "sigmoid" else x_hat
+    x_hat = torch.sigmoid(x_hat) if s["output"] == "sigmoid" else x_hat
     error = x_hat - x
     reconstruction = 0.5 * error.pow(2).sum(1).mean()
-    if cfg.penalty == "l1":
-        sparsity = cfg.beta * h.abs().sum(1).mean()
-    elif cfg.penalty == "l1-decoder":
-        sparsity = cfg.beta * (h.abs() * W2.norm(dim=0)).sum(1).mean()
-    elif cfg.penalty == "kl":
-        rho, rho_hat = cfg.rho, h.mean(0)
-        sparsity = cfg.beta * (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    if penalty == "l1":
+        sparsity = s["beta"] * h.abs().sum(1).mean()
+    elif penalty == "l1-decoder":
+        sparsity = s["beta"] * (h.abs() * W2.norm(dim=0)).sum(1).mean()
+    elif penalty == "kl":
+        rho, rho_hat = s["rho"], h.mean(0)
+        sparsity = s["beta"] * (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
     else:
         sparsity = torch.zeros((), dtype=x.dtype)
     aux = torch.zeros((), dtype=x.dtype)
     if dead is not None:
         e = (x - x_hat).detach()
-        e_hat = (z2.relu() * _topk_mask(z2.detach().masked_fill(~dead, -torch.inf), cfg.aux_k)) @ W2.T
-        aux = cfg.aux_coefficient * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-    decay = 0.5 * cfg.weight_decay * (W1.pow(2).sum() + W2.pow(2).sum())
+        e_hat = (z2.relu() * _topk_mask(z2.detach().masked_fill(~dead, -torch.inf), s["aux_k"])) @ W2.T
+        aux = s["aux_coefficient"] * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    decay = 0.5 * s["weight_decay"] * (W1.pow(2).sum() + W2.pow(2).sum())
     terms = {"reconstruction": reconstruction, "sparsity": sparsity, "aux": aux, "weight_decay": decay}
     return sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}, error.detach(), h.detach()
 
 
 STEP_CASES = {
-    "relu-l1": dict(activation="relu", penalty="l1", beta=0.05, weight_decay=1e-3),
-    "relu-l1-decoder": dict(activation="relu", penalty="l1-decoder", beta=0.05, pre_bias=True),
-    "topk-l1-decoder": dict(activation="topk", penalty="l1-decoder", beta=0.05, pre_bias=True),
-    "topk-auxk": dict(activation="topk", aux_k=5, aux_coefficient=0.5, pre_bias=True, dead_after=1000),
-    "sigmoid-kl": dict(activation="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.1, weight_decay=1e-3),
-    "batchtopk-normalized": dict(activation="batchtopk", normalize_decoder=True, weight_decay=1e-3),
+    "relu-l1": dict(kind="relu", penalty="l1", beta=0.05, weight_decay=1e-3),
+    "relu-l1-decoder": dict(kind="relu", penalty="l1-decoder", beta=0.05, pre_bias=True),
+    # TopK has no penalty on its codes any more (its penalty is "none" only): weight decay instead.
+    "topk-decay": dict(kind="topk", pre_bias=True, weight_decay=1e-3),
+    "topk-auxk": dict(kind="topk", aux_k=5, aux_coefficient=0.5, pre_bias=True, dead_after=1000),
+    "sigmoid-kl": dict(kind="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.1, weight_decay=1e-3),
+    "batchtopk-normalized": dict(kind="batchtopk", normalize_decoder=True, weight_decay=1e-3),
 }
 
 
@@ -139,25 +162,30 @@ def test_one_sgd_step_follows_dense_autograd_of_the_loss(case):
     x = _unit_interval(60)
     cfg = _cfg(optimizer="sgd", lr=0.5, batch_size=60, steps=1, **STEP_CASES[case])
     trainer = _trainer(x, cfg)
+    aux_k = cfg.flat().get("aux_k", 0)
     dead = None
-    if cfg.aux_k:
+    if aux_k:
         dead = torch.zeros(N_HIDDEN, dtype=torch.bool)
         dead[::4] = True
-        trainer.since_fired[dead] = cfg.dead_after  # these 16 units have not fired for dead_after examples
-    params = [p.detach().clone().requires_grad_() for p in (trainer.model.W1, trainer.model.b1,
-                                                            trainer.model.W2, trainer.model.b2)]
-    if cfg.normalize_decoder:  # training starts from unit decoder columns
+        trainer.since_fired[dead] = cfg.optim.dead_after  # these 16 units have not fired for dead_after examples
+    params = [
+        p.detach().clone().requires_grad_()
+        for p in (trainer.model.W1, trainer.model.b1, trainer.model.W2, trainer.model.b2)
+    ]
+    lr = cfg.optim.lr
+    if cfg.optim.normalize_decoder:  # training starts from unit decoder columns
         params[2] = _unit_columns(params[2].detach()).requires_grad_()
     loss, terms, error, h = _reference(params, x, cfg, dead)
     grads = torch.autograd.grad(loss, params)
-    expected = [p.detach() - cfg.lr * g for p, g in zip(params, grads)]
-    if cfg.normalize_decoder:  # a step along the unit sphere: the gradient's part along each column is removed
+    expected = [p.detach() - lr * g for p, g in zip(params, grads)]
+    if cfg.optim.normalize_decoder:  # a step along the unit sphere: the gradient's part along each column is removed
         W, G = params[2].detach(), grads[2]
-        expected[2] = _unit_columns(W - cfg.lr * (G - (G * W).sum(0) * W))
-        assert (expected[2] - _unit_columns(W - cfg.lr * G)).abs().max() > 1e-6  # which makes a difference
+        expected[2] = _unit_columns(W - lr * (G - (G * W).sum(0) * W))
+        assert (expected[2] - _unit_columns(W - lr * G)).abs().max() > 1e-6  # which makes a difference
     trainer.run(progress=False)
-    for name, p, e in zip(("W1", "b1", "W2", "b2"), (trainer.model.W1, trainer.model.b1, trainer.model.W2,
-                                                     trainer.model.b2), expected):
+    for name, p, e in zip(
+        ("W1", "b1", "W2", "b2"), (trainer.model.W1, trainer.model.b1, trainer.model.W2, trainer.model.b2), expected
+    ):
         assert torch.allclose(p.detach(), e, rtol=0, atol=1e-12), name
     (row,) = trainer.history
     for name, value in terms.items():
@@ -166,17 +194,19 @@ def test_one_sgd_step_follows_dense_autograd_of_the_loss(case):
     assert row["fvu"] == pytest.approx(float(error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-10)
     assert row["mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-10)
     assert row["l0"] == pytest.approx(float((h > 0).sum(1).double().mean()), rel=1e-12)
-    if cfg.penalty in ("l1", "l1-decoder", "kl"):
+    if cfg.flat().get("penalty") in ("l1", "l1-decoder", "kl"):
         assert terms["sparsity"] > 1e-3  # the penalty is really there
+    if cfg.model.weight_decay:
+        assert terms["weight_decay"] > 1e-6  # so is the weight decay
     if dead is not None:  # AuxK: dead units' decoder columns learn from the residual
         assert terms["aux"] > 1e-3
-        assert (grads[2][:, dead].abs().sum(0) > 0).sum() >= cfg.aux_k
+        assert (grads[2][:, dead].abs().sum(0) > 0).sum() >= aux_k
 
 
 def test_l1_decoder_penalty_by_hand():
     """beta * mean_i sum_j |h_ij| ||W2[:, j]||, written with loops on a tiny model, is history's sparsity."""
     x = _data(6, d=3, seed=4)
-    cfg = _cfg(activation="relu", penalty="l1-decoder", beta=0.7, n_hidden=4, batch_size=6, steps=1)
+    cfg = _cfg(kind="relu", penalty="l1-decoder", beta=0.7, n_hidden=4, batch_size=6, steps=1)
     trainer = _trainer(x, cfg)
     W1, b1, W2 = (p.detach().tolist() for p in (trainer.model.W1, trainer.model.b1, trainer.model.W2))
     total = 0.0
@@ -190,8 +220,17 @@ def test_l1_decoder_penalty_by_hand():
 
 def test_kl_running_rho_hat_is_an_exponential_moving_average_of_batch_means():
     x = _unit_interval(40)
-    cfg = _cfg(activation="sigmoid", output="sigmoid", penalty="kl", beta=3.0, rho=0.05, rho_momentum=0.7,
-               batch_size=40, steps=6, checkpoint_every=1)
+    cfg = _cfg(
+        kind="sigmoid",
+        output="sigmoid",
+        penalty="kl",
+        beta=3.0,
+        rho=0.05,
+        rho_momentum=0.7,
+        batch_size=40,
+        steps=6,
+        checkpoint_every=1,
+    )
     trainer = _trainer(x, cfg)
     snapshots = [_tensors(trainer.model)]  # the parameters each step starts from
     trainer.run(progress=False, checkpoint=lambda: snapshots.append(_tensors(trainer.model)))
@@ -203,7 +242,7 @@ def test_kl_running_rho_hat_is_an_exponential_moving_average_of_batch_means():
         kl = 0.05 * torch.log(0.05 / rho_hat) + 0.95 * torch.log(0.95 / (1 - rho_hat))
         assert row["sparsity"] == pytest.approx(3.0 * float(kl.sum()), rel=1e-10)
         assert row["rho_hat_mean"] == pytest.approx(float(rho_hat.mean()), rel=1e-12)
-    assert torch.allclose(trainer.running.rho_hat, rho_hat, rtol=1e-12, atol=0)
+    assert torch.allclose(trainer.model.running.rho_hat, rho_hat, rtol=1e-12, atol=0)
     assert trainer.history[-1]["sparsity"] < trainer.history[0]["sparsity"]
 
 
@@ -212,8 +251,18 @@ def test_jumprelu_l0_penalty_lowers_l0():
     x = SyntheticDictionary(D, 32, 2, seed=0).sample(512, seed=1).x.double()
     l0, thresholds = {}, {}
     for beta in (0.0, 0.05):
-        cfg = _cfg(activation="jumprelu", penalty="l0", beta=beta, lr=3e-2, batch_size=128, steps=40, pre_bias=True,
-                   jumprelu_threshold=0.05, jumprelu_bandwidth=0.1, log_every=10)
+        cfg = _cfg(
+            kind="jumprelu",
+            penalty="l0",
+            beta=beta,
+            lr=3e-2,
+            batch_size=128,
+            steps=40,
+            pre_bias=True,
+            jumprelu_threshold=0.05,
+            jumprelu_bandwidth=0.1,
+            log_every=10,
+        )
         trainer = _trainer(x, cfg)
         trainer.run(progress=False)
         l0[beta] = [row["l0"] for row in trainer.history]
@@ -227,11 +276,22 @@ def test_jumprelu_l0_penalty_lowers_l0():
 # --- what training learns ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 150 steps: 1 to 3 s
 def test_topk_recovers_a_synthetic_dictionary():
     truth = SyntheticDictionary(32, 128, 4, noise_std=0.0, seed=0)
     x = truth.sample(4096, seed=1).x
-    cfg = _cfg(activation="topk", k=4, n_hidden=256, lr=2e-2, batch_size=256, steps=150, dtype="float32",
-               normalize_decoder=True, tied_init=True, log_every=50)
+    cfg = _cfg(
+        kind="topk",
+        k=4,
+        n_hidden=256,
+        lr=2e-2,
+        batch_size=256,
+        steps=150,
+        dtype="float32",
+        normalize_decoder=True,
+        tied_init=True,
+        log_every=50,
+    )
     trainer = _trainer(x, cfg)
     before = recovery_score(truth.atoms, trainer.model.W2.detach().t())
     trainer.run(progress=False)
@@ -239,12 +299,12 @@ def test_topk_recovers_a_synthetic_dictionary():
     assert recovery_score(truth.atoms, trainer.model.W2.detach().t()) >= 0.9
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
-def test_normalize_decoder_keeps_unit_columns(activation):
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu"])
+def test_normalize_decoder_keeps_unit_columns(kind):
     x = _data(100)
+    own = dict(penalty="l1", beta=0.01) if kind == "relu" else dict(aux_k=4)
     for normalize in (True, False):
-        cfg = _cfg(activation=activation, normalize_decoder=normalize, aux_k=4 if activation != "relu" else 0,
-                   dead_after=50, lr=5e-2, steps=6, penalty="l1" if activation == "relu" else "none", beta=0.01)
+        cfg = _cfg(kind=kind, normalize_decoder=normalize, dead_after=50, lr=5e-2, steps=6, **own)
         trainer = _trainer(x, cfg)
         trainer.run(progress=False)
         norms = trainer.model.W2.detach().norm(dim=0)
@@ -255,8 +315,9 @@ def test_normalize_decoder_keeps_unit_columns(activation):
 
 
 def test_tied_init_starts_the_decoder_as_the_row_normalised_encoder():
-    plain = SparseAutoencoder(D, N_HIDDEN, "topk", "linear", seed=7, k=4)
-    tied = SparseAutoencoder(D, N_HIDDEN, "topk", "linear", seed=7, k=4, tied_init=True)
+    plain = make_model(D, N_HIDDEN, "topk", "linear", seed=7, k=4)
+    tied = make_model(D, N_HIDDEN, "topk", "linear", seed=7, k=4, tied_init=True)
+    assert tied.cfg.tied_init and not plain.cfg.tied_init
     rows = plain.W1.detach() / plain.W1.detach().norm(dim=1, keepdim=True)
     assert torch.allclose(tied.W2.detach().t(), rows, rtol=0, atol=1e-15)
     assert torch.equal(tied.W1.detach(), tied.W2.detach().t())
@@ -266,8 +327,13 @@ def test_tied_init_starts_the_decoder_as_the_row_normalised_encoder():
 def _geometric_median(x):
     """argmin_y sum_i ||x_i - y||, by SciPy's BFGS from the coordinate-wise median."""
     a = x.numpy()
-    f = lambda y: np.linalg.norm(a - y, axis=1).sum()
-    grad = lambda y: -((a - y) / np.linalg.norm(a - y, axis=1, keepdims=True)).sum(0)
+
+    def f(y):
+        return np.linalg.norm(a - y, axis=1).sum()
+
+    def grad(y):
+        return -((a - y) / np.linalg.norm(a - y, axis=1, keepdims=True)).sum(0)
+
     return torch.from_numpy(scipy.optimize.minimize(f, np.median(a, 0), jac=grad, method="BFGS", tol=1e-14).x)
 
 
@@ -276,7 +342,7 @@ def _geometric_median(x):
 def test_decoder_bias_init(init, scale_inputs):
     x = _data(300, d=8, seed=2, offset=2.0)
     x[:20] += 40.0  # outliers pull the mean far from the median
-    cfg = _cfg(activation="topk", decoder_bias_init=init, scale_inputs=scale_inputs, pre_bias=True)
+    cfg = _cfg(kind="topk", decoder_bias_init=init, scale_inputs=scale_inputs, pre_bias=True)
     trainer = _trainer(x, cfg)
     scale = float(x.pow(2).sum(1).mean()) ** -0.5 if scale_inputs else 1.0
     assert trainer.scale == pytest.approx(scale, rel=1e-12)
@@ -285,21 +351,20 @@ def test_decoder_bias_init(init, scale_inputs):
     assert (x.mean(0) - _geometric_median(x)).norm() > 1.0  # the two initialisations differ here
 
 
-@pytest.mark.parametrize("activation, pre_bias", [("topk", True), ("topk", False), ("batchtopk", True),
-                                                  ("jumprelu", True)])
-def test_folded_input_scale_gives_the_training_models_output_in_raw_units(activation, pre_bias):
+@pytest.mark.parametrize("kind, pre_bias", [("topk", True), ("topk", False), ("batchtopk", True), ("jumprelu", True)])
+def test_folded_input_scale_gives_the_training_models_output_in_raw_units(kind, pre_bias):
     x = 25.0 * _data(100)
-    cfg = _cfg(activation=activation, scale_inputs=True, pre_bias=pre_bias, decoder_bias_init="mean",
-               penalty="l0" if activation == "jumprelu" else "none", beta=1e-3, jumprelu_bandwidth=0.05)
+    own = dict(penalty="l0", beta=1e-3, jumprelu_bandwidth=0.05) if kind == "jumprelu" else {}
+    cfg = _cfg(kind=kind, scale_inputs=True, pre_bias=pre_bias, decoder_bias_init="mean", **own)
     trainer = _trainer(x, cfg)
     trainer.run(progress=False)
     scale = trainer.scale
     assert scale == pytest.approx(float(x.pow(2).sum(1).mean()) ** -0.5, rel=1e-12) and scale < 0.1
-    folded = trainer.model.fold_input_scale(scale)
+    folded = trainer.model.folded(scale)
     model = trainer.model.eval()
     with torch.no_grad():
         trained, raw = model(scale * x), folded.eval()(x)
-        trained_h, raw_h = model.dense_codes(trained.h), folded.dense_codes(raw.h)
+        trained_h, raw_h = model.dense_codes(trained.codes), folded.dense_codes(raw.codes)
     assert torch.allclose(raw.x_hat, trained.x_hat / scale, rtol=1e-12, atol=1e-12 * float(x.abs().max()))
     assert torch.allclose(raw_h, trained_h, rtol=1e-12, atol=1e-13)
     assert float(trained_h.count_nonzero()) > 0
@@ -311,7 +376,7 @@ def test_folded_input_scale_gives_the_training_models_output_in_raw_units(activa
 
 def test_a_unit_that_never_fires_is_dead_after_dead_after_examples():
     x = _data(100)
-    cfg = _cfg(activation="topk", batch_size=25, dead_after=75, pre_bias=True)
+    cfg = _cfg(kind="topk", batch_size=25, dead_after=75, pre_bias=True)
     model = _model(cfg)
     with torch.no_grad():  # unit 5 can never be among the 4 largest: it gets no gradient and stays silent
         model.W1[5] = 0.0
@@ -329,7 +394,7 @@ def test_a_unit_that_never_fires_is_dead_after_dead_after_examples():
 def test_dead_units_that_fire_again_are_revived():
     """After a unit is dead, firing once resets its counter: the counts follow what fired, step by step."""
     x = _data(50)
-    cfg = _cfg(activation="relu", penalty="none", batch_size=50, dead_after=100, steps=1)
+    cfg = _cfg(kind="relu", penalty="none", batch_size=50, dead_after=100, steps=1)
     model = _model(cfg)
     with torch.no_grad():
         model.b1[:10] = -100.0  # ten units cannot fire
@@ -346,13 +411,27 @@ def test_dead_units_that_fire_again_are_revived():
 
 
 RESUME_CASES = {
-    "batchtopk": dict(activation="batchtopk", k=3, n_hidden=48, aux_k=6, dead_after=60, normalize_decoder=True,
-                      pre_bias=True, scale_inputs=True, decoder_bias_init="mean", corruption="gaussian",
-                      corruption_level=0.1, weight_decay=1e-4, penalty="l1-decoder", beta=1e-3),
-    "sigmoid-kl": dict(activation="sigmoid", output="sigmoid", penalty="kl", beta=0.5, rho=0.1, corruption="mask",
-                       weight_decay=1e-4),
-    "jumprelu-l0": dict(activation="jumprelu", penalty="l0", beta=1e-3, pre_bias=True, jumprelu_bandwidth=0.05,
-                        optimizer="sgd", lr=0.05),
+    # (BatchTopK no longer takes a penalty on its codes: its penalty is "none" only.)
+    "batchtopk": dict(
+        kind="batchtopk",
+        k=3,
+        n_hidden=48,
+        aux_k=6,
+        dead_after=60,
+        normalize_decoder=True,
+        pre_bias=True,
+        scale_inputs=True,
+        decoder_bias_init="mean",
+        corruption="gaussian",
+        corruption_level=0.1,
+        weight_decay=1e-4,
+    ),
+    "sigmoid-kl": dict(
+        kind="sigmoid", output="sigmoid", penalty="kl", beta=0.5, rho=0.1, corruption="mask", weight_decay=1e-4
+    ),
+    "jumprelu-l0": dict(
+        kind="jumprelu", penalty="l0", beta=1e-3, pre_bias=True, jumprelu_bandwidth=0.05, optimizer="sgd", lr=0.05
+    ),
 }
 
 
@@ -361,12 +440,17 @@ def test_trainer_state_round_trips_through_a_file(tmp_path):
     cfg = _cfg(steps=3, **RESUME_CASES["sigmoid-kl"])
     trainer = _trainer(x, cfg)
     trainer.run(progress=False)
-    runs.save_trainer_state(tmp_path, trainer.state_dict())
-    restored = _trainer(x, cfg, state=runs.load_trainer_state(tmp_path), model=copy.deepcopy(trainer.model))
+    folder = RunFolder(tmp_path)
+    folder.save_checkpoint(trainer.model, trainer.state_dict(), trainer.history)
+    model, state, history = folder.load_checkpoint()
+    _assert_same_tensors(_tensors(model), _tensors(trainer.model))
+    assert history == trainer.history
+    restored = _trainer(x, cfg, state=state, model=model)
     a, b = trainer.state_dict(), restored.state_dict()
     assert (a["step"], a["scale"], a["stream"]) == (b["step"], b["scale"], b["stream"])
     assert a["step"] == 3 and a["stream"]["epoch"] * 4 + a["stream"]["step"] == 3  # 120 rows: 4 batches an epoch
-    assert torch.equal(a["since_fired"], b["since_fired"]) and torch.equal(a["rho_hat"], b["rho_hat"])
+    assert torch.equal(a["since_fired"], b["since_fired"])
+    assert a["kind"]["rho_hat"] is not None and torch.equal(a["kind"]["rho_hat"], b["kind"]["rho_hat"])
     moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert moments_a.keys() == moments_b.keys() and len(moments_a) == 4
     for i in moments_a:
@@ -390,12 +474,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
     # Ctrl-C arrives during the checkpoint after step 7: the loop stops at that step boundary.
     _, interrupted = first.run(progress=False, checkpoint=lambda: os.kill(os.getpid(), signal.SIGINT))
     assert interrupted and first.step == 7
-    runs.save_model(tmp_path, first.model, "checkpoint/model.safetensors")
-    runs.save_trainer_state(tmp_path, first.state_dict())
+    RunFolder(tmp_path).save_checkpoint(first.model, first.state_dict(), first.history)
     del first  # nothing in memory carries over
 
-    model = runs.load_model(tmp_path, name="checkpoint/model.safetensors")
-    second = Minibatch(model, open_vectors(x), cfg, runs.load_trainer_state(tmp_path), history=[])
+    model, state, _ = RunFolder(tmp_path).load_checkpoint()
+    second = _trainer(x, cfg, state=state, model=model, history=[])
     _, interrupted = second.run(progress=False)
     assert not interrupted and second.step == 15
     _assert_same_tensors(_tensors(second.model), _tensors(straight.model))
@@ -406,11 +489,49 @@ def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
 # --- the command line --------------------------------------------------------------------------
 
 
-CLI_TRAIN = ["train", "--data", "synthetic", "--synthetic-inputs", "16", "--synthetic-atoms", "32", "--synthetic-k", "3",
-             "--n-examples", "400", "--activation", "batchtopk", "--k", "3", "--n-hidden", "48", "--output", "linear",
-             "--penalty", "none", "--optimizer", "adam", "--lr", "0.01", "--batch-size", "50", "--log-every", "3",
-             "--checkpoint-every", "4", "--aux-k", "8", "--dead-after", "100", "--normalize-decoder", "--scale-inputs",
-             "--pre-bias", "--decoder-bias-init", "mean", "--no-progress"]
+CLI_TRAIN = [
+    "train",
+    "--data",
+    "synthetic",
+    "--synthetic-inputs",
+    "16",
+    "--synthetic-atoms",
+    "32",
+    "--synthetic-k",
+    "3",
+    "--n-examples",
+    "400",
+    "--kind",
+    "batchtopk",
+    "--k",
+    "3",
+    "--n-hidden",
+    "48",
+    "--output",
+    "linear",
+    "--penalty",
+    "none",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.01",
+    "--batch-size",
+    "50",
+    "--log-every",
+    "3",
+    "--checkpoint-every",
+    "4",
+    "--aux-k",
+    "8",
+    "--dead-after",
+    "100",
+    "--normalize-decoder",
+    "--scale-inputs",
+    "--pre-bias",
+    "--decoder-bias-init",
+    "mean",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -426,11 +547,13 @@ def cli_runs(tmp_path_factory):
 
 def test_cli_resume_with_more_steps_equals_an_uninterrupted_run(cli_runs):
     for name in ("weights.safetensors", "checkpoint/model.safetensors"):
-        _assert_same_tensors(safetensors.torch.load_file(cli_runs / "resumed" / name),
-                             safetensors.torch.load_file(cli_runs / "straight" / name))
+        _assert_same_tensors(
+            safetensors.torch.load_file(cli_runs / "resumed" / name),
+            safetensors.torch.load_file(cli_runs / "straight" / name),
+        )
     state = json.loads((cli_runs / "resumed" / "state.json").read_text())
     assert state == {"steps_done": 12, "steps_total": 12, "finished": True}
-    resumed, straight = (runs.load_history(cli_runs / name) for name in ("resumed", "straight"))
+    resumed, straight = (RunFolder(cli_runs / name).load_history() for name in ("resumed", "straight"))
     assert [row["step"] for row in resumed] == [3, 6, 9, 12]
     assert _drop_timing(resumed) == _drop_timing(straight)
 
@@ -439,7 +562,7 @@ def test_cli_final_weights_are_the_checkpoint_folded_by_the_input_scale(cli_runs
     """weights.safetensors takes raw inputs: W1 * s, W2 / s, b2 / s of the checkpoint, s = E||x||^2 ^ -1/2."""
     final = safetensors.torch.load_file(cli_runs / "straight" / "weights.safetensors")
     trained = safetensors.torch.load_file(cli_runs / "straight" / "checkpoint" / "model.safetensors")
-    state = runs.load_trainer_state(cli_runs / "straight")
+    _, state, _ = RunFolder(cli_runs / "straight").load_checkpoint()
     x = SyntheticDictionary(16, 32, 3, seed=0).sample(400).x.double()
     s = float(x.pow(2).sum(1).mean()) ** -0.5
     assert state["scale"] == pytest.approx(s, rel=1e-12)
@@ -468,7 +591,8 @@ def test_damaged_checkpoint_is_a_one_line_error(cli_runs, tmp_path, capsys, dama
         model.write_bytes(model.read_bytes()[:100])
     capsys.readouterr()
     code = run_cli(["train", "--resume", str(run_dir), "--steps", "14", "--no-progress"])
-    assert_one_line_error(code, capsys.readouterr().err, "model.safetensors" if damage.startswith("model") else "trainer.pt")
+    named = "model.safetensors" if damage.startswith("model") else "trainer.pt"
+    assert_one_line_error(code, capsys.readouterr().err, named)
 
 
 def _rewrite_architecture(path, **changes):
@@ -480,13 +604,14 @@ def _rewrite_architecture(path, **changes):
     safetensors.torch.save_file(tensors, path, metadata={**metadata, "architecture": json.dumps(arch)})
 
 
-@pytest.mark.parametrize("changes", [dict(n_hidden=47), dict(n_inputs=17), dict(activation="topk", k=500),
-                                     dict(activation="gelu"), dict(colour="blue")])
+@pytest.mark.parametrize(
+    "changes", [dict(n_hidden=47), dict(n_inputs=17), dict(kind="topk", k=500), dict(kind="gelu"), dict(colour="blue")]
+)
 def test_weights_with_a_wrong_architecture_are_a_user_error(cli_runs, tmp_path, capsys, changes):
     run_dir = _copy_run(cli_runs, tmp_path)
     _rewrite_architecture(run_dir / "weights.safetensors", **changes)
     with pytest.raises(UserError):
-        runs.load_model(run_dir)
+        load_model(run_dir)
     np.save(tmp_path / "x.npy", np.zeros((5, 16)))
     capsys.readouterr()
     code = run_cli(["eval", str(run_dir), "--data", str(tmp_path / "x.npy")])
@@ -529,38 +654,44 @@ def test_cli_eval_of_vectors_of_the_wrong_width(cli_runs, tmp_path, capsys):
 # --- evaluate_stream ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu", "relu", "sigmoid"])
-def test_evaluate_stream_against_a_direct_computation(activation):
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "relu", "sigmoid"])
+def test_evaluate_stream_against_a_direct_computation(kind):
     x = _data(30, seed=3)
-    model = SparseAutoencoder(D, 20, activation, "linear", seed=1, k=3, pre_bias=True)
+    model = make_model(D, 20, kind, "linear", seed=1, k=3, pre_bias=True)
     with torch.no_grad():
         model.b2.copy_(0.2 * x[0])
         model.b1.fill_(-0.1)
         model.b1[:4] = -50.0  # four units never fire
         model.W2.mul_(torch.linspace(0.5, 2.0, 20, dtype=torch.float64))  # unequal decoder norms
-        if activation == "batchtopk":
+        if kind == "batchtopk":
             model.batch_topk.threshold.fill_(0.25)
-        if activation == "jumprelu":
+        if kind == "jumprelu":
             model.jumprelu.log_threshold.fill_(np.log(0.15))
     metrics, density = evaluate_stream(model, open_vectors(x), batch_size=7)
 
     W1, b1, W2, b2 = (p.detach() for p in (model.W1, model.b1, model.W2, model.b2))
     z2 = (x - b2) @ W1.T + b1
-    h = {"topk": z2.relu() * _topk_mask(z2, 3), "batchtopk": z2 * (z2 > 0.25), "jumprelu": z2 * (z2 > 0.15),
-         "relu": z2.relu(), "sigmoid": torch.sigmoid(z2)}[activation]
+    h = {
+        "topk": z2.relu() * _topk_mask(z2, 3),
+        "batchtopk": z2 * (z2 > 0.25),
+        "jumprelu": z2 * (z2 > 0.15),
+        "relu": z2.relu(),
+        "sigmoid": torch.sigmoid(z2),
+    }[kind]
     error = h @ W2.T + b2 - x
-    fired = h if activation == "sigmoid" else (h > 0).double()  # a sigmoid unit's density is its mean activation
+    fired = h if kind == "sigmoid" else (h > 0).double()  # a sigmoid unit's density is its mean activation
     assert metrics["n_examples"] == 30
     assert metrics["mse"] == pytest.approx(float(error.pow(2).mean()), rel=1e-10)
     assert metrics["fvu"] == pytest.approx(float(error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-10)
     assert metrics["l0"] == pytest.approx(float((h > 0).sum(1).double().mean()), rel=1e-12)
     assert torch.allclose(density, fired.mean(0), rtol=1e-12, atol=1e-15)
     assert metrics["dead_fraction"] == pytest.approx(float((fired.mean(0) == 0).double().mean()))
-    if activation != "sigmoid":
+    if kind != "sigmoid":
         assert metrics["dead_fraction"] >= 4 / 20
     norms = W2.norm(dim=0)
     assert (metrics["decoder_norm_min"], metrics["decoder_norm_mean"], metrics["decoder_norm_max"]) == pytest.approx(
-        (float(norms.min()), float(norms.mean()), float(norms.max())), rel=1e-12)
+        (float(norms.min()), float(norms.mean()), float(norms.max())), rel=1e-12
+    )
     partial, _ = evaluate_stream(model, open_vectors(x), batch_size=4, max_rows=10)
     assert partial["n_examples"] == 10
     assert partial["mse"] == pytest.approx(float(error[:10].pow(2).mean()), rel=1e-10)
@@ -573,8 +704,28 @@ def test_tensorboard_logs_every_history_row(tmp_path):
     from saekit.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--preset", "topk", "--n-examples", "2000", "--batch-size", "500", "--steps", "4",
-                 "--log-every", "2", "--tensorboard", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "topk",
+                "--n-examples",
+                "2000",
+                "--batch-size",
+                "500",
+                "--steps",
+                "4",
+                "--log-every",
+                "2",
+                "--tensorboard",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()]

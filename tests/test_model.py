@@ -1,20 +1,22 @@
-"""saekit.model.SparseAutoencoder and saekit.penalties, against hand computations and closed forms."""
+"""saekit.kinds (the SparseAutoencoder base and its kinds) and saekit.kinds.penalties, against hand
+computations and closed forms."""
 
 import math
 
 import pytest
 import torch
+from conftest import make_model
 
 from saekit.errors import UserError
-from saekit.model import SparseAutoencoder
-from saekit.penalties import L1Penalty, RunningRhoHat, contractive, kl_derivative, kl_divergence, weight_decay
+from saekit.kinds import build, config
+from saekit.kinds.penalties import L1Penalty, RunningRhoHat, contractive, kl_derivative, kl_divergence, weight_decay
 
 # --- model -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("activation, output", [("sigmoid", "sigmoid"), ("relu", "linear"), ("relu", "sigmoid")])
 def test_forward_equals_a_manual_computation(activation, output):
-    model = SparseAutoencoder(5, 3, activation, output, seed=1)
+    model = make_model(5, 3, activation, output, seed=1)
     with torch.no_grad():
         model.b1.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
         model.b2.copy_(torch.linspace(-0.5, 0.5, 5, dtype=torch.float64))
@@ -24,18 +26,19 @@ def test_forward_equals_a_manual_computation(activation, output):
     g = {"sigmoid": lambda z: 1 / (1 + math.exp(-z)), "linear": lambda z: z}[output]
     with torch.no_grad():
         out = model(x)
+        pre_activations = model.pre_activations(x)
     for i in range(4):
         for j in range(3):
             z2 = sum(float(x[i, k]) * W1[j, k] for k in range(5)) + b1[j]
-            assert float(out.z2[i, j]) == pytest.approx(z2, rel=1e-12, abs=1e-15)
-            assert float(out.h[i, j]) == pytest.approx(f(z2), rel=1e-12, abs=1e-15)
+            assert float(pre_activations[i, j]) == pytest.approx(z2, rel=1e-12, abs=1e-15)
+            assert float(out.codes[i, j]) == pytest.approx(f(z2), rel=1e-12, abs=1e-15)
         for k in range(5):
-            a3 = sum(float(out.h[i, j]) * W2[k, j] for j in range(3)) + b2[k]
+            a3 = sum(float(out.codes[i, j]) * W2[k, j] for j in range(3)) + b2[k]
             assert float(out.x_hat[i, k]) == pytest.approx(g(a3), rel=1e-12, abs=1e-15)
 
 
 def test_W2_is_stored_as_the_transpose_of_a_contiguous_atom_matrix():
-    model = SparseAutoencoder(6, 4)
+    model = make_model(6, 4)
     assert model.W1.shape == (4, 6) and model.W2.shape == (6, 4)
     assert not model.W2.is_contiguous() and model.W2.t().is_contiguous()
     assert model.W2.stride() == (1, 6)
@@ -49,13 +52,13 @@ def test_W2_is_stored_as_the_transpose_of_a_contiguous_atom_matrix():
 def test_reset_parameters_range_determinism_and_zero_biases():
     n_in, n_hidden = 30, 20
     r = math.sqrt(6.0 / (n_in + n_hidden + 1))
-    model = SparseAutoencoder(n_in, n_hidden, seed=5)
+    model = make_model(n_in, n_hidden, seed=5)
     for W in (model.W1.detach(), model.W2.detach()):
         assert W.abs().max() <= r and W.abs().max() > 0.9 * r
         assert abs(float(W.mean())) < 0.1 * r
     assert not torch.equal(model.W1, model.W2.t())  # independent draws
-    same = SparseAutoencoder(n_in, n_hidden, seed=5)
-    other = SparseAutoencoder(n_in, n_hidden, seed=6)
+    same = make_model(n_in, n_hidden, seed=5)
+    other = make_model(n_in, n_hidden, seed=6)
     assert torch.equal(model.W1, same.W1) and torch.equal(model.W2, same.W2)
     assert not torch.equal(model.W1, other.W1)
     with torch.no_grad():
@@ -68,19 +71,25 @@ def test_reset_parameters_range_determinism_and_zero_biases():
 
 
 def test_float32_model():
-    model = SparseAutoencoder(4, 3, dtype=torch.float32)
+    model = make_model(4, 3, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model(torch.rand(2, 4)).x_hat.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
     "args, words",
-    [((0, 3), "n_inputs"), ((4, 0), "n_hidden"), ((4, -1), "n_hidden"),
-     ((4, 3, "tanh"), "activation"), ((4, 3, "sigmoid", "relu"), "output")],
+    [
+        ((0, 3), "n_inputs"),
+        ((4, 0), "n-hidden"),
+        ((4, -1), "n-hidden"),
+        ((4, 3, "tanh"), "unknown kind 'tanh'"),
+        ((4, 3, "sigmoid", "relu"), "output"),
+    ],
 )
 def test_bad_sizes_or_names_raise_user_error(args, words):
+    n_inputs, n_hidden, kind, output = (*args, "sigmoid", "sigmoid")[:4]
     with pytest.raises(UserError, match=words):
-        SparseAutoencoder(*args)
+        build(config(kind, n_hidden=n_hidden, output=output), n_inputs)
 
 
 # --- penalties -------------------------------------------------------------------------------
@@ -146,17 +155,25 @@ def test_running_rho_hat_state_round_trip():
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_contractive_penalty_is_the_mean_squared_frobenius_norm_of_the_jacobian(activation):
-    model = SparseAutoencoder(5, 4, activation, "linear", seed=3)
+    beta = 0.7
+    model = make_model(5, 4, activation, "linear", seed=3, penalty="contractive", beta=beta)
     with torch.no_grad():
         model.b1.copy_(torch.tensor([0.3, -0.2, 0.0, 0.5], dtype=torch.float64))
     x = torch.rand(6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
-    encoder = lambda xi: model.sparsify(model.encode(xi[None]))[0]  # (n_in,) -> (n_hidden,)
+
+    def encoder(xi):
+        return model.encode(xi[None])[0]  # (n_in,) -> (n_hidden,) codes
+
     norms = [torch.autograd.functional.jacobian(encoder, xi).pow(2).sum() for xi in x]
     expected = torch.stack(norms).mean()
     with torch.no_grad():
-        h = model(x).h
-        got = contractive(h, model.W1, activation)
+        out = model(x)
+        h = out.codes
+        slope = h * (1 - h) if activation == "sigmoid" else (h > 0).to(h.dtype)  # the activation's derivative
+        got = contractive(slope, model.W1)
     assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    # The kind's penalty --penalty contractive is beta times that.
+    assert float(out.terms.sparsity) == pytest.approx(beta * float(expected), rel=1e-12)
 
 
 def test_l1_penalty_layer_has_the_gradient_of_weight_times_sum_abs_h():

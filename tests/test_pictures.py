@@ -1,4 +1,4 @@
-"""Pictures: pixel values, grid geometry and chart marks checked against hand-built cases."""
+"""saekit.viz.pictures: pixel values, grid geometry and chart marks checked against hand-built cases."""
 
 import math
 import os
@@ -8,9 +8,18 @@ import pytest
 from PIL import Image
 
 from saekit.errors import UserError
-from saekit.pictures import (confusion_matrix_image, histogram_chart, histogram_counts,
-                             line_chart, save_filters, save_png, side_by_side, tile_filters,
-                             tile_images, upscale)
+from saekit.viz.pictures import (
+    confusion_matrix_image,
+    histogram_chart,
+    histogram_counts,
+    line_chart,
+    save_filters,
+    save_png,
+    side_by_side,
+    tile_filters,
+    tile_images,
+    upscale,
+)
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # the first two series colours
 DARK_BLUE = (8, 48, 107)  # a confusion-matrix cell holding its whole row
@@ -21,6 +30,7 @@ def colour_mask(img, rgb):
 
 
 # ---------------------------------------------------------------------------- tile_filters
+
 
 def test_filter_values_map_zero_to_grey_and_extremes_to_black_and_white():
     # One 2x2 filter with max |value| 1: v -> floor(128 + 127.5 v), worked by hand.
@@ -44,8 +54,9 @@ def test_scale_each_versus_one_global_scale():
     np.testing.assert_array_equal(both[1, 4:6], [255, 191])
 
 
-@pytest.mark.parametrize("n, shape, padding", [(5, (3, 2), 2), (10, (8, 8), 1), (1, (4, 4), 0),
-                                               (16, (2, 2), 1), (17, (2, 3), 3)])
+@pytest.mark.parametrize(
+    "n, shape, padding", [(5, (3, 2), 2), (10, (8, 8), 1), (1, (4, 4), 0), (16, (2, 2), 1), (17, (2, 3), 3)]
+)
 def test_grid_geometry(n, shape, padding):
     h, w = shape
     cols = math.ceil(math.sqrt(n))
@@ -57,13 +68,13 @@ def test_grid_geometry(n, shape, padding):
     for k in range(rows * cols):
         i, j = divmod(k, cols)
         top, left = padding + i * (h + padding), padding + j * (w + padding)
-        cell = img[top:top + h, left:left + w]
+        cell = img[top : top + h, left : left + w]
         assert (cell > 128).all() if k < n else (cell == 0).all()  # empty cells are black
     # Padding lines are black.
     for i in range(rows + 1):
-        assert (img[i * (h + padding):i * (h + padding) + padding] == 0).all()
+        assert (img[i * (h + padding) : i * (h + padding) + padding] == 0).all()
     for j in range(cols + 1):
-        assert (img[:, j * (w + padding):j * (w + padding) + padding] == 0).all()
+        assert (img[:, j * (w + padding) : j * (w + padding) + padding] == 0).all()
 
 
 def test_order_c_versus_f_on_an_asymmetric_filter():
@@ -82,8 +93,7 @@ def test_fortran_order_matches_matlab_column_stacking_for_many_filters():
     tiles = rng.normal(size=(3, 4, 5))
     # MATLAB's patch(:) stacks columns: element (r, c) goes to position r + c * h.
     flat = np.array([[t[r, c] for c in range(5) for r in range(4)] for t in tiles])
-    np.testing.assert_array_equal(tile_filters(flat, (4, 5), order="F"),
-                                  tile_filters(tiles.reshape(3, 20), (4, 5)))
+    np.testing.assert_array_equal(tile_filters(flat, (4, 5), order="F"), tile_filters(tiles.reshape(3, 20), (4, 5)))
 
 
 def test_all_zero_filter_is_flat_grey_without_dividing_by_zero():
@@ -96,15 +106,18 @@ def test_all_zero_filter_is_flat_grey_without_dividing_by_zero():
     assert (both[1:3, 1:3] == 128).all()
 
 
-@pytest.mark.parametrize("W, kw, words", [
-    (np.zeros((3, 10)), {}, "perfect square"),
-    (np.zeros((3, 10)), {"image_shape": (3, 3)}, "image_shape"),
-    (np.zeros(9), {}, "2-D"),
-    (np.zeros((0, 9)), {}, "2-D"),
-    (np.full((1, 4), np.nan), {}, "NaN"),
-    (np.zeros((1, 4)), {"order": "K"}, "order"),
-    (np.zeros((1, 4)), {"padding": -1}, "padding"),
-])
+@pytest.mark.parametrize(
+    "W, kw, words",
+    [
+        (np.zeros((3, 10)), {}, "perfect square"),
+        (np.zeros((3, 10)), {"image_shape": (3, 3)}, "image_shape"),
+        (np.zeros(9), {}, "2-D"),
+        (np.zeros((0, 9)), {}, "2-D"),
+        (np.full((1, 4), np.nan), {}, "NaN"),
+        (np.zeros((1, 4)), {"order": "K"}, "order"),
+        (np.zeros((1, 4)), {"padding": -1}, "padding"),
+    ],
+)
 def test_tile_filters_rejects_bad_input(W, kw, words):
     with pytest.raises(UserError, match=words):
         tile_filters(W, **kw)
@@ -116,6 +129,7 @@ def test_non_square_filters_with_an_explicit_shape():
 
 
 # ---------------------------------------------------------------------------- tile_images
+
 
 def test_tile_images_uses_one_shared_scale_from_the_data():
     X = np.array([[0.0, 2.0], [4.0, 8.0]])  # two 1x2 images; data range 0..8
@@ -138,8 +152,7 @@ def test_tile_images_of_constant_data_is_grey():
     assert (img == 128).all()
 
 
-@pytest.mark.parametrize("kw", [{"low": 1.0, "high": 1.0}, {"low": 2.0, "high": 1.0},
-                                {"low": 5.0}, {"high": -1.0}])
+@pytest.mark.parametrize("kw", [{"low": 1.0, "high": 1.0}, {"low": 2.0, "high": 1.0}, {"low": 5.0}, {"high": -1.0}])
 def test_tile_images_rejects_an_empty_range(kw):
     with pytest.raises(UserError, match="empty"):
         tile_images(np.arange(4.0).reshape(1, 4), **kw)  # data range 0..3
@@ -151,6 +164,7 @@ def test_tile_images_with_one_bound_takes_the_other_from_the_data():
 
 
 # ---------------------------------------------------------------------------- side_by_side
+
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("n", list(range(1, 30)))
@@ -167,7 +181,7 @@ def test_side_by_side_geometry(n, k):
 def test_side_by_side_puts_further_arrays_after_the_reconstruction():
     a, b, c = np.zeros((1, 4)), np.full((1, 4), 1.0), np.full((1, 4), 2.0)  # 2x2 tiles: 0, 128, 255
     img = side_by_side(a, b, c)
-    tiles = [img[3:5, 3 + i * 3:5 + i * 3] for i in range(3)]
+    tiles = [img[3:5, 3 + i * 3 : 5 + i * 3] for i in range(3)]
     assert [int(t.mean()) for t in tiles] == [0, 128, 255]
     assert (img[3:5, 5] == 128).all() and (img[3:5, 8] == 128).all()  # 1-pixel gaps inside the group
 
@@ -181,10 +195,10 @@ def test_side_by_side_places_input_then_reconstruction_on_one_scale():
     grey = {0.0: 0, 1.0: 64, 2.0: 128, 3.0: 191, 4.0: 255}  # floor(128 + 127.5 (x / 2 - 1))
     for k in range(3):
         top, left = 3 + (k // 2) * 5, 3 + (k % 2) * 8
-        assert (img[top:top + 2, left:left + 2] == grey[inputs[k, 0]]).all()
-        assert (img[top:top + 2, left + 2] == 128).all()  # the 1-pixel gap inside the pair
-        assert (img[top:top + 2, left + 3:left + 5] == grey[outputs[k, 0]]).all()
-    assert (img[:3] == 128).all() and (img[:, 3 + 5:3 + 8] == 128).all()  # 3-pixel gaps
+        assert (img[top : top + 2, left : left + 2] == grey[inputs[k, 0]]).all()
+        assert (img[top : top + 2, left + 2] == 128).all()  # the 1-pixel gap inside the pair
+        assert (img[top : top + 2, left + 3 : left + 5] == grey[outputs[k, 0]]).all()
+    assert (img[:3] == 128).all() and (img[:, 3 + 5 : 3 + 8] == 128).all()  # 3-pixel gaps
     assert (img[8:10, 11:16] == 128).all()  # the empty fourth cell
 
 
@@ -197,19 +211,21 @@ def test_side_by_side_needs_matching_shapes():
 
 # ---------------------------------------------------------------------------- upscale
 
+
 def test_upscale_repeats_each_pixel_in_a_whole_block():
     img = np.arange(6, dtype=np.uint8).reshape(2, 3)
     big = upscale(img, min_size=7)  # 3 * 3 = 9 >= 7 > 3 * 2
     assert big.shape == (6, 9)
     for r in range(2):
         for c in range(3):
-            assert (big[3 * r:3 * r + 3, 3 * c:3 * c + 3] == img[r, c]).all()
+            assert (big[3 * r : 3 * r + 3, 3 * c : 3 * c + 3] == img[r, c]).all()
     rgb = upscale(np.zeros((2, 3, 3), np.uint8), min_size=7)
     assert rgb.shape == (6, 9, 3)
     np.testing.assert_array_equal(upscale(img, min_size=3), img)  # already big enough
 
 
 # ---------------------------------------------------------------------------- save_png
+
 
 def test_save_png_round_trips_pixels_and_leaves_no_temporary_file(tmp_path):
     rng = np.random.default_rng(1)
@@ -255,6 +271,7 @@ def test_save_filters_writes_the_upscaled_grid(tmp_path):
 
 # ---------------------------------------------------------------------------- line_chart
 
+
 def series_pixels(series, **kw):
     """Pixels of each series colour drawn as data, without the legend's swatches (found by
     drawing the same names with no drawable points)."""
@@ -264,9 +281,9 @@ def series_pixels(series, **kw):
 
 
 def test_line_chart_size_and_one_colour_per_series():
-    img, (blue, orange) = series_pixels({"up": np.arange(50.0), "down": 50 - np.arange(50.0)},
-                                        title="t", xlabel="x", ylabel="y", width=640,
-                                        height=400)
+    img, (blue, orange) = series_pixels(
+        {"up": np.arange(50.0), "down": 50 - np.arange(50.0)}, title="t", xlabel="x", ylabel="y", width=640, height=400
+    )
     assert img.shape == (400, 640, 3) and img.dtype == np.uint8
     assert blue.sum() > 200 and orange.sum() > 200
     # Image rows grow downwards: the rising series is higher (smaller row) on the right.
@@ -306,17 +323,21 @@ def test_line_chart_all_nan_still_draws_axes():
     assert img.shape == (500, 800, 3) and (img < 100).any()  # frame and labels in dark ink
 
 
-@pytest.mark.parametrize("series, kw, words", [
-    ({}, {}, "at least one series"),
-    ({"a": np.zeros((3, 3))}, {}, "1-D"),
-    ({"a": [1.0]}, {"width": 50}, "width"),
-])
+@pytest.mark.parametrize(
+    "series, kw, words",
+    [
+        ({}, {}, "at least one series"),
+        ({"a": np.zeros((3, 3))}, {}, "1-D"),
+        ({"a": [1.0]}, {"width": 50}, "width"),
+    ],
+)
 def test_line_chart_rejects_bad_input(series, kw, words):
     with pytest.raises(UserError, match=words):
         line_chart(series, **kw)
 
 
 # ---------------------------------------------------------------------------- histograms
+
 
 def test_histogram_counts_set_negative_infinity_apart():
     counts, edges, n_dead = histogram_counts([-np.inf, 0.0, -np.inf, 0.0, 0.0, 1.0], bins=2)
@@ -332,12 +353,15 @@ def test_histogram_counts_on_a_log_axis_sets_zeros_apart():
     assert n_zero == 2
 
 
-@pytest.mark.parametrize("values, kw, words", [
-    ([1.0, np.nan], {}, "NaN"),
-    ([1.0, np.inf], {}, r"\+inf"),
-    ([1.0, -2.0], {"log_x": True}, ">= 0"),
-    ([1.0], {"bins": 0}, "bins"),
-])
+@pytest.mark.parametrize(
+    "values, kw, words",
+    [
+        ([1.0, np.nan], {}, "NaN"),
+        ([1.0, np.inf], {}, r"\+inf"),
+        ([1.0, -2.0], {"log_x": True}, ">= 0"),
+        ([1.0], {"bins": 0}, "bins"),
+    ],
+)
 def test_histogram_counts_rejects_bad_input(values, kw, words):
     with pytest.raises(UserError, match=words):
         histogram_counts(values, **kw)
@@ -348,7 +372,7 @@ def test_histogram_chart_bar_heights_follow_the_counts():
     assert img.shape == (500, 800, 3)
     heights = colour_mask(img, BLUE).sum(axis=0)  # bar pixels per column
     bars = heights[heights > 0]
-    left, right = bars[: len(bars) // 2], bars[len(bars) // 2:]
+    left, right = bars[: len(bars) // 2], bars[len(bars) // 2 :]
     assert abs(np.median(left) / np.median(right) - 3) < 0.05  # 3 values vs 1
 
 
@@ -358,6 +382,7 @@ def test_histogram_chart_of_only_dead_values_draws_no_bars():
 
 
 # ---------------------------------------------------------------------------- confusion matrix
+
 
 def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
     # Every example predicted as class 1: both cells of column 1 hold their whole row, and
@@ -391,13 +416,16 @@ def test_confusion_matrix_shades_a_smaller_share_lighter():
     assert (small < 255).any()  # a 10% confusion is still tinted
 
 
-@pytest.mark.parametrize("cm, names, words", [
-    (np.zeros((2, 3)), None, "square"),
-    (np.array([[1, -1], [0, 1]]), None, "counts"),
-    (np.array([[1.5, 0], [0, 1]]), None, "counts"),
-    (np.zeros((2, 2)), None, "all zeros"),
-    (np.eye(2), ["a"], "class_names"),
-])
+@pytest.mark.parametrize(
+    "cm, names, words",
+    [
+        (np.zeros((2, 3)), None, "square"),
+        (np.array([[1, -1], [0, 1]]), None, "counts"),
+        (np.array([[1.5, 0], [0, 1]]), None, "counts"),
+        (np.zeros((2, 2)), None, "all zeros"),
+        (np.eye(2), ["a"], "class_names"),
+    ],
+)
 def test_confusion_matrix_rejects_bad_input(cm, names, words):
     with pytest.raises(UserError, match=words):
         confusion_matrix_image(cm, names)

@@ -1,11 +1,11 @@
-"""k-sparse decoding, checked against Python loops over the codes and against dense decoding."""
+"""saekit.kernels.sparse: k-sparse decoding, checked against Python loops over the codes and against dense decoding."""
 
 import pytest
 import torch
+from conftest import make_model
 
 from saekit.errors import UserError
-from saekit.model import SparseAutoencoder
-from saekit.sparse_decode import dense_codes, sparse_decode, topk_codes
+from saekit.kernels.sparse import dense_codes, sparse_decode, topk_codes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -61,8 +61,7 @@ SHAPES = [(5, 3, 11, 4), (6, 1, 9, 3), (1, 4, 10, 5), (4, 6, 3, 2)]
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_gradients_match_loops(shape, device):
     values, indices, W, bias = _codes(*shape, device=device)
-    x_hat, (g_values, g_W, g_bias), probe = _grads(
-        lambda v, w, b: sparse_decode(v, indices, w, b), values, W, bias)
+    x_hat, (g_values, g_W, g_bias), probe = _grads(lambda v, w, b: sparse_decode(v, indices, w, b), values, W, bias)
     ref_values, ref_W = _loop_gradients(values, indices, W, probe)
     torch.testing.assert_close(x_hat, _loop_decode(values, indices, W, bias))
     torch.testing.assert_close(g_values, ref_values)
@@ -124,16 +123,16 @@ def test_low_precision_close_to_float64(dtype, tol):
 
 def test_model_decoder_columns_decode_like_dense_model():
     # W2 is (n_inputs, n_hidden), stored so that W2.t() is a contiguous atom-per-row matrix.
-    model = SparseAutoencoder(6, 20, activation="relu", output="linear", seed=4)
+    model = make_model(6, 20, "relu", "linear", seed=4)
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    values, indices = topk_codes(model.encode(x), k=3)
+    values, indices = topk_codes(model.pre_activations(x), k=3)
     h = dense_codes(values, indices, 20)
     torch.testing.assert_close(sparse_decode(values, indices, model.W2.t(), model.b2), model.decode(h))
 
 
 def test_topk_codes_match_sorting():
     pre_acts = torch.randn(6, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    pre_acts[0] = -pre_acts[0].abs() - 0.1      # a row with no positive pre-activation
+    pre_acts[0] = -pre_acts[0].abs() - 0.1  # a row with no positive pre-activation
     pre_acts.requires_grad_()
     values, indices = topk_codes(pre_acts, k=4)
     for b in range(6):
@@ -148,20 +147,23 @@ def test_topk_codes_match_sorting():
     torch.testing.assert_close(pre_acts.grad, (chosen & (pre_acts > 0)).double())
 
 
-@pytest.mark.parametrize("call", [
-    lambda v, i, W: sparse_decode(v[:, :2], i, W),                     # shapes differ
-    lambda v, i, W: sparse_decode(v[0], i[0], W),                      # not 2-d
-    lambda v, i, W: sparse_decode(v[:, :0], i[:, :0], W),              # k = 0
-    lambda v, i, W: sparse_decode(v, i.int(), W),                      # int32 indices
-    lambda v, i, W: sparse_decode(v.float(), i, W),                    # dtype mismatch
-    lambda v, i, W: sparse_decode(v, i, W.t().contiguous().t()),       # strided atoms
-    lambda v, i, W: sparse_decode(v, i, W[0]),                         # atoms not 2-d
-    lambda v, i, W: sparse_decode(v, i, W, torch.zeros(3, dtype=W.dtype)),  # bias length
-    lambda v, i, W: dense_codes(v, i, 0),
-    lambda v, i, W: topk_codes(W, 0),
-    lambda v, i, W: topk_codes(W, W.shape[1] + 1),
-    lambda v, i, W: topk_codes(W[0], 1),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda v, i, W: sparse_decode(v[:, :2], i, W),  # shapes differ
+        lambda v, i, W: sparse_decode(v[0], i[0], W),  # not 2-d
+        lambda v, i, W: sparse_decode(v[:, :0], i[:, :0], W),  # k = 0
+        lambda v, i, W: sparse_decode(v, i.int(), W),  # int32 indices
+        lambda v, i, W: sparse_decode(v.float(), i, W),  # dtype mismatch
+        lambda v, i, W: sparse_decode(v, i, W.t().contiguous().t()),  # strided atoms
+        lambda v, i, W: sparse_decode(v, i, W[0]),  # atoms not 2-d
+        lambda v, i, W: sparse_decode(v, i, W, torch.zeros(3, dtype=W.dtype)),  # bias length
+        lambda v, i, W: dense_codes(v, i, 0),
+        lambda v, i, W: topk_codes(W, 0),
+        lambda v, i, W: topk_codes(W, W.shape[1] + 1),
+        lambda v, i, W: topk_codes(W[0], 1),
+    ],
+)
 def test_bad_input_raises_user_error(call):
     values, indices, W, _ = _codes(3, 4, 10, 5)
     with pytest.raises(UserError):

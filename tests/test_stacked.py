@@ -1,22 +1,23 @@
-"""Tests for saekit.stacked: greedy layer-wise pre-training and UFLDL's two pipelines.
+"""Tests for saekit.classify.stacked: greedy layer-wise pre-training and UFLDL's two pipelines.
 
 The stack is checked against autoencoders trained one by one by hand; the pipelines run end
 to end on a few hundred MNIST digits (skipped where MNIST is absent).
 """
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import find_mnist_dir, make_model
 
-from saekit.classifier import Solver
+from saekit import kinds
+from saekit.classify import Layers, Solver, pretrain_stack, run_stacked, self_taught, self_taught_split, ufldl_layers
 from saekit.data.idx import load_digits
 from saekit.errors import UserError
-from saekit.model import SparseAutoencoder
-from saekit.stacked import pretrain_stack, run_stacked, self_taught, self_taught_split, ufldl_layer_config
-from saekit.training import fit
+from saekit.kinds.sigmoid import SigmoidConfig
+from saekit.train import OptimConfig, fit
+
+# UFLDL's settings for each layer of both exercises: rho 0.1, lambda 3e-3, beta 3 (sigmoid, KL).
+UFLDL_LAYER = dict(rho=0.1, weight_decay=3e-3, beta=3.0)
 
 
 def tiny_data(m=200, n=16, seed=0):
@@ -27,27 +28,44 @@ def tiny_data(m=200, n=16, seed=0):
     return np.clip(weights @ patterns + 0.05 * rng.standard_normal((m, n)), 0, 1)
 
 
+def test_ufldl_layers_are_ufldls_settings():
+    assert ufldl_layers(max_iter=15) == Layers(SigmoidConfig(**UFLDL_LAYER), OptimConfig(max_iter=15), 0)
+    assert ufldl_layers().optim.max_iter == 400
+
+
 def test_pretrain_stack_trains_each_layer_on_the_previous_layers_features():
     x = tiny_data()
-    cfg = ufldl_layer_config(max_iter=15)
-    layers = pretrain_stack(x, [8, 4], cfg, progress=False)
-    assert [(sae.n_inputs, sae.n_hidden) for sae in layers] == [(16, 8), (8, 4)]
+    layers = ufldl_layers(max_iter=15)
+    stack = pretrain_stack(x, [8, 4], layers, progress=False)
+    assert [(sae.n_inputs, sae.n_hidden) for sae in stack] == [(16, 8), (8, 4)]
 
-    # By hand: the first layer on x, the second on the first's sigmoid activations.
-    first = SparseAutoencoder(16, 8, seed=cfg.seed)
-    fit(first, torch.as_tensor(x), ufldl_layer_config(max_iter=15, n_hidden=8), progress=False)
+    # By hand: the first layer on x, the second on the first's sigmoid activations; layer i has seed + i.
+    first = make_model(16, 8, seed=layers.seed, **UFLDL_LAYER)
+    fit(first, torch.as_tensor(x), OptimConfig(max_iter=15), progress=False)
     h = torch.sigmoid(torch.as_tensor(x) @ first.W1.detach().T + first.b1.detach())
-    second = SparseAutoencoder(8, 4, seed=cfg.seed + 1)
-    fit(second, h, ufldl_layer_config(max_iter=15, n_hidden=4), progress=False)
-    for got, expected in zip(layers, (first, second)):
+    second = make_model(8, 4, seed=layers.seed + 1, **UFLDL_LAYER)
+    fit(second, h, OptimConfig(max_iter=15), progress=False)
+    for got, expected in zip(stack, (first, second)):
+        assert got.cfg == expected.cfg
         for p, q in zip(got.parameters(), expected.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
-    assert not torch.equal(layers[1].W1, SparseAutoencoder(8, 4, seed=cfg.seed + 1).W1)  # it was trained
+    assert not torch.equal(stack[1].W1, make_model(8, 4, seed=layers.seed + 1).W1)  # it was trained
+
+
+def test_pretrain_stack_takes_any_kind_dtype_and_seed():
+    x = tiny_data(m=60)
+    layers = Layers(kinds.config("relu", output="linear", beta=0.01), OptimConfig(max_iter=5), seed=3)
+    (got,) = pretrain_stack(x, [6], layers, dtype=torch.float32, progress=False)
+    expected = make_model(16, 6, "relu", "linear", dtype=torch.float32, seed=3, beta=0.01)
+    fit(expected, torch.as_tensor(x, dtype=torch.float32), OptimConfig(max_iter=5), seed=3, progress=False)
+    assert got.kind == "relu" and got.cfg == expected.cfg and got.W1.dtype == torch.float32
+    for p, q in zip(got.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_pretrain_stack_rejects_bad_input():
     with pytest.raises(UserError, match="outside"):
-        pretrain_stack(tiny_data() * 2, [4], ufldl_layer_config(max_iter=2), progress=False)
+        pretrain_stack(tiny_data() * 2, [4], ufldl_layers(max_iter=2), progress=False)
     with pytest.raises(UserError, match="layer_sizes"):
         pretrain_stack(tiny_data(), [], progress=False)
     with pytest.raises(UserError, match="NaN"):
@@ -72,25 +90,26 @@ def test_self_taught_split_rounds_an_odd_half_up_as_matlab_does():
     assert len(x_train) == 3 and len(x_test) == 2  # MATLAB's round(2.5) is 3
 
 
-def mnist_dir() -> Path:
-    for candidate in (os.environ.get("SAEKIT_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if candidate and (Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
-            return Path(candidate)
-    pytest.skip("MNIST not found (set SAEKIT_DATA_DIR or provide ../shared/data)")
-
-
 @pytest.fixture(scope="module")
 def mnist_test_split():
     """The first 1000 MNIST test digits, (1000, 784) float32 in [0, 1], and their labels."""
-    images, labels = load_digits("mnist", "test", data_dir=mnist_dir())
+    images, labels = load_digits("mnist", "test", data_dir=find_mnist_dir())
     return images[:1000], labels[:1000]
 
 
 def test_run_stacked_end_to_end_on_a_few_hundred_digits(mnist_test_split):
     x, y = mnist_test_split
-    result = run_stacked(x[:300], y[:300], x[300:500], y[300:500], layer_sizes=[20, 10],
-                         cfg=ufldl_layer_config(max_iter=10), softmax_solver=Solver(max_iter=10),
-                         fine_tune_solver=Solver(max_iter=10), progress=False)
+    result = run_stacked(
+        x[:300],
+        y[:300],
+        x[300:500],
+        y[300:500],
+        layer_sizes=[20, 10],
+        layers=ufldl_layers(max_iter=10),
+        softmax_solver=Solver(max_iter=10),
+        fine_tune_solver=Solver(max_iter=10),
+        progress=False,
+    )
     for key in ("accuracy_before", "accuracy_after"):
         assert 0 <= result[key] <= 1
     assert result["after"]["confusion_matrix"].sum() == 200
@@ -101,8 +120,9 @@ def test_run_stacked_end_to_end_on_a_few_hundred_digits(mnist_test_split):
 def test_self_taught_end_to_end_on_a_few_hundred_digits(mnist_test_split):
     x, y = mnist_test_split
     split = self_taught_split(x[:600], y[:600])
-    result = self_taught(*split, n_hidden=20, cfg=ufldl_layer_config(max_iter=10), solver=Solver(max_iter=10),
-                         progress=False)
+    result = self_taught(
+        *split, n_hidden=20, layers=ufldl_layers(max_iter=10), solver=Solver(max_iter=10), progress=False
+    )
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["accuracy_raw"] <= 1
     assert result["features"]["confusion_matrix"].shape == (5, 5)
     assert result["features"]["n_examples"] == len(split[3])

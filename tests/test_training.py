@@ -1,18 +1,17 @@
-"""saekit.training and saekit.metrics: the optimizers lower J (measured by our own J), both ways of
-computing J agree, Ctrl-C keeps the last accepted point, and a seed fixes the result."""
+"""saekit.train and saekit.eval: the optimizers lower J (measured by our own J), both ways of computing
+J (the sigmoid kind's closed form and autograd of the kinds' forward passes) agree, the L-BFGS objective
+matches our own cost, Ctrl-C keeps the last accepted point, and a seed fixes the result."""
 
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_model, reference_cost
 
-from conftest import reference_cost
-from saekit.config import TrainConfig
-from saekit.data import corrupt, load_training_data
-from saekit.metrics import evaluate
-from saekit.model import SparseAutoencoder
-from saekit.training import fit, full_batch_objective, is_classic, loss_terms, train_lbfgs
+from saekit.data import Corruption, DataConfig, load_training_data
+from saekit.eval import evaluate
+from saekit.train import OptimConfig, autoencoder_objective, fit, train_lbfgs
 
 N_HIDDEN = 9
 
@@ -22,8 +21,10 @@ def x(patches):
     return torch.from_numpy(patches[:200].copy())
 
 
-def _J(model, x, cfg, target=None):
-    """Our own J at the model's current parameters (classic sigmoid/KL cost)."""
+def _J(model, x, target=None):
+    """Our own J at the model's current parameters (classic sigmoid/KL cost, with the model's lambda, rho, beta)."""
+    cfg = model.cfg
+    assert (cfg.kind, cfg.output, cfg.penalty, cfg.pre_bias) == ("sigmoid", "sigmoid", "kl", False)
     W1, b1, W2, b2 = (p.detach().to(x.dtype) for p in (model.W1, model.b1, model.W2, model.b2))
     return float(reference_cost(W1, b1, W2, b2, x, cfg.weight_decay, cfg.rho, cfg.beta, target=target))
 
@@ -39,51 +40,58 @@ def _check_rows(history, n):
 
 
 def test_lbfgs_lowers_the_cost_with_one_history_row_per_iteration(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=10)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
-    start = _J(model, x, cfg)
-    history, interrupted = fit(model, x, cfg, progress=False)
+    model = make_model(64, N_HIDDEN, seed=0)
+    start = _J(model, x)
+    history, interrupted = fit(model, x, OptimConfig(max_iter=10), progress=False)
     assert not interrupted
     _check_rows(history, 10)
     costs = [row["cost"] for row in history]
     assert all(b <= a for a, b in zip(costs, costs[1:]))  # L-BFGS's line search only accepts descent
-    end = _J(model, x, cfg)
+    end = _J(model, x)
     assert end < 0.5 * start
     assert costs[-1] == pytest.approx(end, rel=1e-10)  # the model holds the last accepted point
 
 
 def test_lbfgs_in_float32(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=5, dtype="float32")
-    model = SparseAutoencoder(64, N_HIDDEN, dtype=torch.float32, seed=0)
-    start = _J(model, x.double(), cfg)
-    history, _ = fit(model, x.float(), cfg, progress=False)
+    model = make_model(64, N_HIDDEN, dtype=torch.float32, seed=0)
+    start = _J(model, x.double())
+    history, _ = fit(model, x.float(), OptimConfig(max_iter=5), progress=False)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert len(history) == 5
-    assert _J(model, x.double(), cfg) < start
+    assert _J(model, x.double()) < start
 
 
 @pytest.mark.parametrize("denoising", [False, True])
 def test_closed_form_and_autograd_agree_on_the_classic_case(x, denoising):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, weight_decay=1e-3, rho=0.05, beta=3.0)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=1)
+    """The sigmoid kind's closed form (compute_gradients in evaluation mode, what L-BFGS minimises)
+    against autograd of the sum of the terms its forward pass returns, and against our own J."""
+    model = make_model(64, N_HIDDEN, seed=1, weight_decay=1e-3, rho=0.05, beta=3.0, penalty="kl")
     with torch.no_grad():
         model.b1.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     target = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)).clamp(0, 1)
     target = target if denoising else None
-    assert is_classic(model, cfg)
-    closed, closed_grads = full_batch_objective(model, x, cfg, target)()
-    closed_grads = [g.clone() for g in closed_grads]
+    model.eval()  # rho_hat exact over x, as for full-batch training
+    closed = model.compute_gradients(x, target)
+    assert closed.x_hat is None  # the closed form's mark: it reuses its buffers and returns no x_hat
+    closed_terms, closed_rho_hat = closed.terms.numbers(), closed.codes.mean(0).clone()
+    closed_grads = [p.grad.clone() for p in model.parameters()]
     with warnings.catch_warnings():  # see test_autograd_training_emits_no_warning
         warnings.simplefilter("ignore")
-        loss, auto = loss_terms(model, x, cfg, target)
-    auto_grads = torch.autograd.grad(loss, list(model.parameters()))
-    for name in ("cost", "reconstruction", "weight_decay", "sparsity"):
-        assert getattr(closed, name) == pytest.approx(getattr(auto, name), rel=1e-12)
-    assert closed.cost == pytest.approx(_J(model, x, cfg, target), rel=1e-12)
-    torch.testing.assert_close(closed.rho_hat, auto.rho_hat, rtol=1e-12, atol=0)
+        auto = model(x, target)
+    auto_grads = torch.autograd.grad(sum(auto.terms), list(model.parameters()))
+    for name, c, a in zip(auto.terms._fields, closed_terms, auto.terms.numbers()):
+        assert c == pytest.approx(a, rel=1e-12), name
+    assert closed.terms.total == pytest.approx(auto.terms.total, rel=1e-12)
+    assert closed.terms.total == pytest.approx(_J(model, x, target), rel=1e-12)
+    torch.testing.assert_close(closed_rho_hat, auto.codes.mean(0), rtol=1e-12, atol=0)
     for c, a in zip(closed_grads, auto_grads):
         assert c.shape == a.shape
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-14)
+    # L-BFGS's objective is that closed form: the same cost and gradients.
+    evaluated = autoencoder_objective(model, x, target)()
+    assert evaluated.cost == pytest.approx(closed.terms.total, rel=1e-14)
+    for g, c in zip(evaluated.grads, closed_grads):
+        torch.testing.assert_close(g, c, rtol=0, atol=0)
 
 
 def _own_terms(W1, b1, W2, b2, x, activation, output, penalty, lambda_, rho, beta):
@@ -110,21 +118,34 @@ def _own_terms(W1, b1, W2, b2, x, activation, output, penalty, lambda_, rho, bet
 
 @pytest.mark.parametrize(
     "activation, output, penalty",
-    [("relu", "linear", "l1"), ("relu", "sigmoid", "l1"), ("sigmoid", "linear", "kl"), ("sigmoid", "sigmoid", "none"),
-     ("sigmoid", "sigmoid", "l1"), ("sigmoid", "sigmoid", "contractive"), ("relu", "linear", "contractive")],
+    [
+        ("relu", "linear", "l1"),
+        ("relu", "sigmoid", "l1"),
+        ("sigmoid", "linear", "kl"),
+        ("sigmoid", "sigmoid", "none"),
+        ("sigmoid", "sigmoid", "l1"),
+        ("sigmoid", "sigmoid", "contractive"),
+        ("relu", "linear", "contractive"),
+    ],
 )
 def test_autograd_objective_matches_our_own_cost(x, activation, output, penalty):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, activation=activation, output=output, penalty=penalty, weight_decay=1e-3)
-    model = SparseAutoencoder(64, N_HIDDEN, activation, output, seed=2)
+    """L-BFGS's objective for every kind, output and penalty (the penalties are in the kinds' forward
+    passes; the sigmoid kind's none and l1 go by its closed form) against our own terms and their gradient."""
+    model = make_model(64, N_HIDDEN, activation, output, seed=2, penalty=penalty, weight_decay=1e-3, beta=3.0, rho=0.01)
     with torch.no_grad():
         model.b1.fill_(0.1)
-    assert not is_classic(model, cfg)
-    ev, grads = full_batch_objective(model, x, cfg)()
+    cfg = model.cfg
+    assert (cfg.penalty, cfg.weight_decay, cfg.beta) == (penalty, 1e-3, 3.0)
+    ev = autoencoder_objective(model, x)()
+    grads = ev.grads
     leaves = [p.detach().clone().requires_grad_() for p in (model.W1, model.b1, model.W2, model.b2)]
-    rec, decay, sparsity = _own_terms(*leaves, x, activation, output, penalty, cfg.weight_decay, cfg.rho, cfg.beta)
-    assert ev.reconstruction == pytest.approx(rec.item(), rel=1e-12)
-    assert ev.weight_decay == pytest.approx(decay.item(), rel=1e-12)
-    assert ev.sparsity == pytest.approx(sparsity.item(), rel=1e-12, abs=1e-300)
+    rec, decay, sparsity = _own_terms(
+        *leaves, x, activation, output, penalty, cfg.weight_decay, getattr(cfg, "rho", None), cfg.beta
+    )
+    assert ev.row["reconstruction"] == pytest.approx(rec.item(), rel=1e-12)
+    assert ev.row["weight_decay"] == pytest.approx(decay.item(), rel=1e-12)
+    assert ev.row["sparsity"] == pytest.approx(sparsity.item(), rel=1e-12, abs=1e-300)
+    assert ev.cost == pytest.approx((rec + decay + sparsity).item(), rel=1e-12)
     expected = torch.autograd.grad(rec + decay + sparsity, leaves)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
@@ -144,59 +165,60 @@ class _Interrupting:
 
 
 def test_ctrl_c_keeps_the_last_accepted_parameters(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
-    start = _J(model, x, cfg)
-    objective = _Interrupting(full_batch_objective(model, x, cfg), n=9)
-    history, interrupted = train_lbfgs(model, objective, max_iter=50, progress=False)
+    model = make_model(64, N_HIDDEN, seed=0)
+    start = _J(model, x)
+    objective = _Interrupting(autoencoder_objective(model, x), n=9)
+    history, interrupted = train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
     assert interrupted and objective.calls == 9
     assert 1 <= len(history) < 9
     _check_rows(history, len(history))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # Not the trial point the interrupted evaluation was at: the last point the history recorded.
-    assert _J(model, x, cfg) == pytest.approx(history[-1]["cost"], rel=1e-10)
+    assert _J(model, x) == pytest.approx(history[-1]["cost"], rel=1e-10)
     assert history[-1]["cost"] < start
 
 
 def test_ctrl_c_before_the_first_iteration_restores_the_initial_parameters(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    model = make_model(64, N_HIDDEN, seed=0)
     initial = [p.detach().clone() for p in model.parameters()]
-    objective = _Interrupting(full_batch_objective(model, x, cfg), n=2)
-    history, interrupted = train_lbfgs(model, objective, max_iter=50, progress=False)
+    objective = _Interrupting(autoencoder_objective(model, x), n=2)
+    history, interrupted = train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
     assert interrupted and history == []
     for p, q in zip(model.parameters(), initial):
         assert torch.equal(p.detach(), q)
 
 
 def test_training_data_follows_the_config():
-    data = load_training_data(TrainConfig(n_examples=30, patch_size=6, dtype="float32", seed=2))
+    data = load_training_data(DataConfig(n_examples=30, patch_size=6), dtype=torch.float32, seed=2)
     assert data.x.shape == (30, 36) and data.x.dtype == torch.float32
     assert data.image_shape == (6, 6) and data.labels is None
     assert float(data.x.min()) >= 0.1 and float(data.x.max()) <= 0.9
-    again = load_training_data(TrainConfig(n_examples=30, patch_size=6, dtype="float32", seed=2))
+    again = load_training_data(DataConfig(n_examples=30, patch_size=6), dtype=torch.float32, seed=2)
     assert torch.equal(data.x, again.x)
 
 
 def test_corrupt():
     x = torch.full((200, 50), 0.5, dtype=torch.float64)
-    masked = corrupt(x, "mask", 0.3, torch.Generator().manual_seed(0))
+    masked = Corruption("mask", 0.3)(x, torch.Generator().manual_seed(0))
     zeroed = float((masked == 0).double().mean())
     assert 0.27 < zeroed < 0.33 and torch.all((masked == 0) | (masked == x))
-    noisy = corrupt(x, "gaussian", 0.2, torch.Generator().manual_seed(0))
+    noisy = Corruption("gaussian", 0.2)(x, torch.Generator().manual_seed(0))
     assert float((noisy - x).std()) == pytest.approx(0.2, rel=0.03) and abs(float((noisy - x).mean())) < 0.01
-    assert torch.equal(corrupt(x, "none", 0.3, torch.Generator()), x)
+    # "none" is no corruption at all: the settings give none to apply.
+    assert DataConfig(corruption="none", corruption_level=0.3).corruption_fn() is None
+    assert DataConfig(corruption="mask", corruption_level=0.3).corruption_fn() == Corruption("mask", 0.3)
 
 
 def test_lbfgs_denoising_reconstructs_the_clean_input_from_a_corrupted_copy(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, max_iter=3, corruption="mask", corruption_level=0.3, seed=5)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
-    history, _ = fit(model, x, cfg, progress=False)
-    corrupted = corrupt(x, "mask", 0.3, torch.Generator().manual_seed(5))
+    model = make_model(64, N_HIDDEN, seed=0)
+    history, _ = fit(model, x, OptimConfig(max_iter=3), corruption=Corruption("mask", 0.3), seed=5, progress=False)
+    g = torch.Generator().manual_seed(5)
+    corrupted = x * (torch.rand(x.shape, generator=g, dtype=x.dtype) >= 0.3)  # our own mask, from the same seed
     assert not torch.equal(corrupted, x)
+    assert torch.equal(corrupted, Corruption("mask", 0.3)(x, torch.Generator().manual_seed(5)))
     # J of the corrupted input against the clean target, and not J of the clean input:
-    assert history[-1]["cost"] == pytest.approx(_J(model, corrupted, cfg, target=x), rel=1e-10)
-    assert history[-1]["cost"] != pytest.approx(_J(model, x, cfg), rel=1e-6)
+    assert history[-1]["cost"] == pytest.approx(_J(model, corrupted, target=x), rel=1e-10)
+    assert history[-1]["cost"] != pytest.approx(_J(model, x), rel=1e-6)
 
 
 # --- minibatch -------------------------------------------------------------------------------
@@ -204,14 +226,14 @@ def test_lbfgs_denoising_reconstructs_the_clean_input_from_a_corrupted_copy(x):
 
 def _minibatch_cfg(optimizer="adam", lr=1e-2, **kw):
     """200 examples in batches of 50: 4 steps an epoch, a history row each epoch."""
-    return TrainConfig(n_hidden=N_HIDDEN, optimizer=optimizer, lr=lr, epochs=5, batch_size=50, log_every=4, **kw)
+    return OptimConfig(optimizer=optimizer, lr=lr, epochs=5, batch_size=50, log_every=4, **kw)
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 1.0)])
 def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
     cfg = _minibatch_cfg(optimizer, lr)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
-    start = _J(model, x, cfg)
+    model = make_model(64, N_HIDDEN, seed=0)
+    start = _J(model, x)
     history, interrupted = fit(model, x, cfg, progress=False)
     assert not interrupted
     assert [row["step"] for row in history] == [4, 8, 12, 16, 20]
@@ -219,7 +241,7 @@ def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
         terms = row["reconstruction"] + row["sparsity"] + row["weight_decay"] + row.get("aux", 0.0)
         assert row["cost"] == pytest.approx(terms, rel=1e-12)
         assert 0 < row["rho_hat_mean"] < 1
-    assert _J(model, x, cfg) < 0.8 * start
+    assert _J(model, x) < 0.8 * start
 
 
 def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
@@ -232,7 +254,7 @@ def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
         return real_step(self, *args, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    model = make_model(64, N_HIDDEN, seed=0)
     history, interrupted = fit(model, x, _minibatch_cfg(), progress=False)
     assert interrupted and calls["n"] == 6
     assert [row["step"] for row in history] == [4]
@@ -240,28 +262,30 @@ def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
 
 
 def test_autograd_training_emits_no_warning(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, activation="relu", output="linear", penalty="l1", max_iter=2)
+    model = make_model(64, N_HIDDEN, "relu", "linear", seed=0, penalty="l1", beta=3.0, weight_decay=1e-4)
     torch.set_warn_always(True)  # torch shows this warning once per process; make every one visible
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            fit(SparseAutoencoder(64, N_HIDDEN, "relu", "linear", seed=0), x, cfg, progress=False)
+            fit(model, x, OptimConfig(max_iter=2), progress=False)
     finally:
         torch.set_warn_always(False)
 
 
-@pytest.mark.parametrize("settings", [dict(max_iter=5), dict(optimizer="adam", epochs=2, batch_size=64, lr=1e-2, log_every=1)])
+@pytest.mark.parametrize(
+    "settings", [dict(max_iter=5), dict(optimizer="adam", epochs=2, batch_size=64, lr=1e-2, log_every=1)]
+)
 def test_same_seed_gives_identical_weights(x, settings):
-    cfg = TrainConfig(n_hidden=N_HIDDEN, seed=3, **settings)
+    optim = OptimConfig(**settings)
     weights = []
     for _ in range(2):
-        model = SparseAutoencoder(64, N_HIDDEN, seed=cfg.seed)
-        fit(model, x, cfg, progress=False)
+        model = make_model(64, N_HIDDEN, seed=3)
+        fit(model, x, optim, seed=3, progress=False)
         weights.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*weights):
         assert torch.equal(a, b)
-    other = SparseAutoencoder(64, N_HIDDEN, seed=4)
-    fit(other, x, TrainConfig(n_hidden=N_HIDDEN, seed=4, **settings), progress=False)
+    other = make_model(64, N_HIDDEN, seed=4)
+    fit(other, x, optim, seed=4, progress=False)
     assert not torch.equal(other.W1, weights[0][0])
 
 
@@ -269,18 +293,17 @@ def test_same_seed_gives_identical_weights(x, settings):
 
 
 def test_evaluate_against_our_own_numbers(x):
-    cfg = TrainConfig(n_hidden=N_HIDDEN)
-    model = SparseAutoencoder(64, N_HIDDEN, seed=0)
+    model = make_model(64, N_HIDDEN, seed=0)
     with torch.no_grad():
         model.b1.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
-    metrics = evaluate(model, x, cfg)
+    metrics = evaluate(model, x)
     W1, b1, W2, b2 = (p.detach().numpy() for p in (model.W1, model.b1, model.W2, model.b2))
     X = x.numpy()
     a2 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
     X_hat = 1 / (1 + np.exp(-(a2 @ W2.T + b2)))
     rho_hat = a2.mean(0)
     assert metrics["n_examples"] == 200
-    assert metrics["cost"] == pytest.approx(_J(model, x, cfg), rel=1e-12)
+    assert metrics["cost"] == pytest.approx(_J(model, x), rel=1e-12)
     assert metrics["rho_hat_mean"] == pytest.approx(rho_hat.mean(), rel=1e-12)
     assert metrics["rho_hat_min"] == pytest.approx(rho_hat.min(), rel=1e-12)
     assert metrics["rho_hat_max"] == pytest.approx(rho_hat.max(), rel=1e-12)

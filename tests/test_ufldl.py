@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import reference_terms
 from PIL import Image
 
-from conftest import reference_terms
 from saekit import ufldl
 from saekit.data.images import natural_image_patches
 from saekit.errors import UserError
@@ -38,6 +38,7 @@ def data():
 
 
 # --- theta layout ----------------------------------------------------------------------------
+
 
 def test_pack_theta_is_matlab_column_major():
     W1, W2, b1, b2 = _hand_built(hidden=2, visible=3)
@@ -82,6 +83,7 @@ def test_initialize_parameters():
 
 # --- cost and gradient -----------------------------------------------------------------------
 
+
 def test_cost_matches_the_formula_with_theta_read_by_hand(data):
     theta = ufldl.initialize_parameters(HIDDEN, VISIBLE, np.random.default_rng(0))
     theta[2 * HIDDEN * VISIBLE :] = np.random.default_rng(1).normal(size=HIDDEN + VISIBLE) * 0.1
@@ -98,7 +100,10 @@ def test_cost_matches_the_formula_with_theta_read_by_hand(data):
 def test_gradient_check_on_ten_patches(data):
     assert data.shape == (VISIBLE, 10)
     theta = ufldl.initialize_parameters(HIDDEN, VISIBLE, np.random.default_rng(0))
-    J = lambda t: ufldl.sparse_autoencoder_cost(t, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, data)
+
+    def J(t):
+        return ufldl.sparse_autoencoder_cost(t, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, data)
+
     _, grad = J(theta)
     numerical = ufldl.compute_numerical_gradient(lambda t: J(t)[0], theta)
     assert ufldl.relative_difference(numerical, grad) < 1e-9
@@ -131,8 +136,9 @@ def test_check_numerical_gradient():
 
 def test_c_and_fortran_ordered_data_agree(data):
     theta = ufldl.initialize_parameters(HIDDEN, VISIBLE, np.random.default_rng(4))
-    cost_c, grad_c = ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, np.ascontiguousarray(data))
-    cost_f, grad_f = ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, np.asfortranarray(data))
+    c_data, f_data = np.ascontiguousarray(data), np.asfortranarray(data)
+    cost_c, grad_c = ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, c_data)
+    cost_f, grad_f = ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, LAMBDA, RHO, BETA, f_data)
     assert cost_c == pytest.approx(cost_f, rel=1e-13)
     np.testing.assert_allclose(grad_c, grad_f, rtol=1e-11, atol=1e-15)
 
@@ -182,17 +188,19 @@ def test_bad_input_raises_user_error(data, change, words):
         ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, args["lambda_"], args["sparsity_param"], args["beta"], x)
 
 
-
 @pytest.mark.parametrize("name", ["beta", "lambda_"])
 def test_nan_hyper_parameters_raise_user_error(data, name):
     theta = ufldl.initialize_parameters(HIDDEN, VISIBLE, np.random.default_rng(0))
     args = dict(lambda_=LAMBDA, sparsity_param=RHO, beta=BETA)
     args[name] = float("nan")
     with pytest.raises(UserError):
-        ufldl.sparse_autoencoder_cost(theta, VISIBLE, HIDDEN, args["lambda_"], args["sparsity_param"], args["beta"], data)
+        ufldl.sparse_autoencoder_cost(
+            theta, VISIBLE, HIDDEN, args["lambda_"], args["sparsity_param"], args["beta"], data
+        )
 
 
 # --- data and pictures -----------------------------------------------------------------------
+
 
 def test_sample_images_shape_range_and_column_major_patches():
     images = ufldl.sample_images(200, seed=3)

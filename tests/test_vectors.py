@@ -16,8 +16,7 @@ import scipy.optimize
 import torch
 from safetensors.torch import save_file
 
-from saekit.data.vectors import (VectorSource, VectorStream, geometric_median,
-                                 mean_and_mean_squared_norm, open_vectors)
+from saekit.data.vectors import VectorSource, VectorStream, geometric_median, mean_and_mean_squared_norm, open_vectors
 from saekit.errors import UserError
 
 N, D = 103, 4  # a prime row count: no batch or chunk size divides it
@@ -78,8 +77,9 @@ def test_integer_bfloat16_and_big_endian_data_are_converted(tmp_path):
 
     halves = torch.tensor([[0.5, -2.0], [1.25, 3.0]], dtype=torch.bfloat16)  # exact in bfloat16
     save_file({"h": halves}, tmp_path / "h.safetensors")
-    np.testing.assert_array_equal(open_vectors(tmp_path / "h.safetensors").read(0, 2).float(),
-                                  [[0.5, -2.0], [1.25, 3.0]])
+    np.testing.assert_array_equal(
+        open_vectors(tmp_path / "h.safetensors").read(0, 2).float(), [[0.5, -2.0], [1.25, 3.0]]
+    )
 
     np.save(tmp_path / "big.npy", X.astype(">f8"))
     stream = VectorStream(tmp_path / "big.npy", batch_size=N, shuffle_buffer=N, dtype=torch.float64)
@@ -177,8 +177,10 @@ def test_resume_after_k_steps_equals_the_uninterrupted_run(tmp_path, k):
 def test_ranks_union_equals_the_single_process_global_batch(tmp_path, world_size):
     source = make_source("folder", tmp_path)
     single = take(VectorStream(source, batch_size=4 * world_size, shuffle_buffer=24, chunk_size=5), 20)
-    ranks = [take(VectorStream(source, batch_size=4, shuffle_buffer=24, chunk_size=5,
-                               rank=r, world_size=world_size), 20) for r in range(world_size)]
+    ranks = [
+        take(VectorStream(source, batch_size=4, shuffle_buffer=24, chunk_size=5, rank=r, world_size=world_size), 20)
+        for r in range(world_size)
+    ]
     for t, batch in enumerate(single):
         assert torch.equal(torch.cat([ranks[r][t] for r in range(world_size)]), batch)
 
@@ -187,8 +189,7 @@ def test_single_process_state_resumes_on_three_ranks():
     single = VectorStream(X, batch_size=12, shuffle_buffer=24, chunk_size=5)
     take(single, 5)
     state, reference = single.state_dict(), take(single, 10)
-    ranks = [VectorStream(X, batch_size=4, shuffle_buffer=24, chunk_size=5, rank=r, world_size=3)
-             for r in range(3)]
+    ranks = [VectorStream(X, batch_size=4, shuffle_buffer=24, chunk_size=5, rank=r, world_size=3) for r in range(3)]
     for stream in ranks:
         stream.load_state_dict(state)
     for batch, parts in zip(reference, zip(*(take(s, 10) for s in ranks))):
@@ -215,14 +216,17 @@ def test_non_finite_row_is_named_by_file_and_row(tmp_path, bad):
             mean_and_mean_squared_norm(folder)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(batch_size=0), "batch_size is 0"),
-    (dict(batch_size=8, shuffle_buffer=4, chunk_size=5), "exceeds shuffle_buffer"),
-    (dict(batch_size=8, rank=2, world_size=2), "rank 2 is outside"),
-    (dict(batch_size=8, world_size=2, drop_last=False), "drop_last=False needs world_size=1"),
-    (dict(batch_size=60, world_size=2), "fewer than one global batch"),
-    (dict(batch_size=8, seed=-1), "must not be negative"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(batch_size=0), "batch_size is 0"),
+        (dict(batch_size=8, shuffle_buffer=4, chunk_size=5), "exceeds shuffle_buffer"),
+        (dict(batch_size=8, rank=2, world_size=2), "rank 2 is outside"),
+        (dict(batch_size=8, world_size=2, drop_last=False), "drop_last=False needs world_size=1"),
+        (dict(batch_size=60, world_size=2), "fewer than one global batch"),
+        (dict(batch_size=8, seed=-1), "must not be negative"),
+    ],
+)
 def test_bad_stream_settings_raise(settings, message):
     with pytest.raises(UserError, match=message):
         VectorStream(X, **settings)
@@ -290,9 +294,12 @@ def sum_of_distances(points, y):
 def test_geometric_median_matches_brute_force_minimisation():
     points = np.random.default_rng(0).normal(size=(25, 3)) * [1.0, 3.0, 0.5] + [2.0, -1.0, 0.0]
     ours = geometric_median(points).numpy()
-    brute = scipy.optimize.minimize(lambda y: sum_of_distances(points, y), points.mean(axis=0),
-                                    method="Nelder-Mead",
-                                    options=dict(xatol=1e-10, fatol=1e-12, maxiter=20_000)).x
+    brute = scipy.optimize.minimize(
+        lambda y: sum_of_distances(points, y),
+        points.mean(axis=0),
+        method="Nelder-Mead",
+        options=dict(xatol=1e-10, fatol=1e-12, maxiter=20_000),
+    ).x
     assert sum_of_distances(points, ours) <= sum_of_distances(points, brute) + 1e-9
     np.testing.assert_allclose(ours, brute, atol=1e-5)
 

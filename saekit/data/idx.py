@@ -36,8 +36,7 @@ FILES = {  # split -> (images, labels); the same names for both datasets
 }
 # Tried in order; tests point these at file:// URLs.
 MIRRORS = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
 }
 SHA256 = {  # (dataset, file name) -> SHA-256 of the published .gz file
@@ -52,8 +51,18 @@ SHA256 = {  # (dataset, file name) -> SHA-256 of the published .gz file
 }
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
 }
 REFETCH = "delete it so it is downloaded again, or replace it with the original file"
 
@@ -89,8 +98,7 @@ def _read_idx(path: Path) -> tuple[int, np.ndarray]:
     expected, actual = int(np.prod(dims)) * dtype.itemsize, len(data) - header
     if actual != expected:
         fault = "is truncated" if actual < expected else "has extra bytes"
-        raise UserError(f"{path} {fault}: dims {dims} need {expected} payload bytes, "
-                        f"found {actual}; {REFETCH}")
+        raise UserError(f"{path} {fault}: dims {dims} need {expected} payload bytes, found {actual}; {REFETCH}")
     array = np.frombuffer(data, dtype, offset=header).reshape(dims)
     return (code << 8) | ndim, array.astype(dtype.newbyteorder("="))  # copy: writable, native
 
@@ -121,13 +129,13 @@ def load_digits(name="mnist", split="train", data_dir=None, download=True):
         _check_sha256(path, SHA256[name, fname])
     (image_magic, images), (label_magic, labels) = _read_idx(paths[0]), _read_idx(paths[1])
     if image_magic != IMAGE_MAGIC or images.shape[1:] != (28, 28):
-        raise UserError(f"{paths[0]} is not a 28x28 uint8 image file (magic {image_magic}, "
-                        f"shape {images.shape}); {REFETCH}")
+        raise UserError(
+            f"{paths[0]} is not a 28x28 uint8 image file (magic {image_magic}, shape {images.shape}); {REFETCH}"
+        )
     if label_magic != LABEL_MAGIC:
         raise UserError(f"{paths[1]} is not a uint8 label file (magic {label_magic}); {REFETCH}")
     if len(images) != len(labels):
-        raise UserError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds "
-                        f"{len(labels)} labels; {REFETCH}")
+        raise UserError(f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels; {REFETCH}")
     if labels.max() > 9:
         raise UserError(f"{paths[1]} has label {labels.max()}, outside 0..9; {REFETCH}")
     pixels = np.divide(images.reshape(len(images), 28 * 28), np.float32(255), dtype=np.float32)
@@ -136,7 +144,8 @@ def load_digits(name="mnist", split="train", data_dir=None, download=True):
 
 def _locate(root: Path, name: str, fnames: tuple, download: bool) -> list[Path]:
     """Paths of fnames under root/name or root; absent ones are downloaded into root/name."""
-    paths, failures = [], []
+    paths: list[Path] = []
+    failures: list[str] = []
     for fname in fnames:
         path = next((d / fname for d in (root / name, root) if (d / fname).is_file()), None)
         if path is None and download and not failures:  # after one failure, don't wait again
@@ -148,13 +157,14 @@ def _locate(root: Path, name: str, fnames: tuple, download: bool) -> list[Path]:
             f"{name} files missing: {', '.join(missing)} (looked in {root / name} and {root}; "
             f"{'; '.join(failures) or 'downloading is off'}). Fix: pass --data-dir (or set "
             f"SAEKIT_DATA_DIR) to a folder holding {name}/ with these files, or run with "
-            f"internet access to download them into {root / name}")
+            f"internet access to download them into {root / name}"
+        )
     return paths
 
 
 def _download(name: str, fname: str, folder: Path) -> list[str]:
     """Fetch fname from each mirror in turn into folder; return why each try failed."""
-    failures = []
+    failures: list[str] = []
     for mirror in MIRRORS[name]:
         try:
             failure = _fetch(mirror + fname, folder / fname, SHA256[name, fname])
@@ -197,5 +207,6 @@ def _check_sha256(path: Path, expected: str) -> None:
     with open(path, "rb") as f:
         actual = hashlib.file_digest(f, "sha256").hexdigest()
     if actual != expected:
-        raise UserError(f"{path} has SHA-256 {actual}, expected {expected} (corrupt or not "
-                        f"the published file); {REFETCH}")
+        raise UserError(
+            f"{path} has SHA-256 {actual}, expected {expected} (corrupt or not the published file); {REFETCH}"
+        )

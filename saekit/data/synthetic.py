@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UserError
-from ..sparse_decode import sparse_decode
+from ..kernels.sparse import sparse_decode
 
 
 class Sample(NamedTuple):
@@ -33,8 +33,7 @@ class SyntheticDictionary:
     draws from its own generator instead, the same n rows on every call.
     """
 
-    def __init__(self, d: int, n_atoms: int, k: int, noise_std: float = 0.0, alpha: float = 0.0,
-                 seed: int = 0):
+    def __init__(self, d: int, n_atoms: int, k: int, noise_std: float = 0.0, alpha: float = 0.0, seed: int = 0):
         if d < 1 or n_atoms < 1:
             raise UserError(f"d and n_atoms must be at least 1 (got {d}, {n_atoms}).")
         if not 1 <= k <= n_atoms:
@@ -53,10 +52,12 @@ class SyntheticDictionary:
         self._cdf[-1] = 1.0  # rounding must not leave a uniform draw in [0, 1) past the last atom
         # A row's last atom is redrawn until it differs from the k-1 before it; if those can
         # hold nearly all the probability, that takes about 1 / (what is left) draws.
-        if self.probabilities[k - 1:].sum() < 1e-3:
-            raise UserError(f"alpha = {alpha} puts almost all use on fewer than k = {k} of the "
-                            f"{n_atoms} atoms, so k distinct atoms per sample would take very long "
-                            f"to draw; lower alpha or k, or add atoms.")
+        if self.probabilities[k - 1 :].sum() < 1e-3:
+            raise UserError(
+                f"alpha = {alpha} puts almost all use on fewer than k = {k} of the "
+                f"{n_atoms} atoms, so k distinct atoms per sample would take very long "
+                f"to draw; lower alpha or k, or add atoms."
+            )
 
     def sample(self, n: int, seed: int | None = None) -> Sample:
         """n examples and the codes that made them. seed=None continues this dictionary's stream
@@ -84,14 +85,14 @@ class SyntheticDictionary:
             while len(pending):
                 u = torch.rand(len(pending), generator=gen, dtype=torch.float64)
                 chosen[pending, j] = torch.searchsorted(self._cdf, u, right=True)
-                repeats = (chosen[pending, :j] == chosen[pending, j:j + 1]).any(dim=1)
+                repeats = (chosen[pending, :j] == chosen[pending, j : j + 1]).any(dim=1)
                 pending = pending[repeats]
         return chosen
 
 
 class Match(NamedTuple):
     cosine: torch.Tensor  # (n_true,) float64 best cosine similarity of each true atom
-    index: torch.Tensor  # (n_true,) int64 the learned atom that achieves it
+    learned: torch.Tensor  # (n_true,) int64 the learned atom that achieves it
 
 
 def best_match(true_atoms, learned_atoms) -> Match:
@@ -103,8 +104,10 @@ def best_match(true_atoms, learned_atoms) -> Match:
     true_atoms = _atom_rows(true_atoms, "true_atoms")
     learned_atoms = _atom_rows(learned_atoms, "learned_atoms")
     if true_atoms.shape[1] != learned_atoms.shape[1]:
-        raise UserError(f"true_atoms and learned_atoms must have the same length d, got shapes "
-                        f"{tuple(true_atoms.shape)} and {tuple(learned_atoms.shape)}; pass atoms as rows.")
+        raise UserError(
+            f"true_atoms and learned_atoms must have the same length d, got shapes "
+            f"{tuple(true_atoms.shape)} and {tuple(learned_atoms.shape)}; pass atoms as rows."
+        )
     true_norms = true_atoms.norm(dim=1, keepdim=True)
     if (true_norms == 0).any():
         raise UserError("true_atoms has a zero row; every true atom needs a direction.")

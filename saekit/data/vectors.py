@@ -68,14 +68,16 @@ class VectorSource:
 
 def _check_matrix(name: str, shape, numeric: bool, dtype) -> tuple[int, int]:
     if len(shape) != 2:
-        raise UserError(f"{name} has shape {tuple(shape)}; vectors must be a 2-D array "
-                        f"(n_examples, n_features): reshape it, e.g. to (-1, d)")
+        raise UserError(
+            f"{name} has shape {tuple(shape)}; vectors must be a 2-D array "
+            f"(n_examples, n_features): reshape it, e.g. to (-1, d)"
+        )
     if not numeric:
-        raise UserError(f"{name} has dtype {dtype}; vectors must be floating point or "
-                        f"integer numbers: convert it, e.g. to float32")
+        raise UserError(
+            f"{name} has dtype {dtype}; vectors must be floating point or integer numbers: convert it, e.g. to float32"
+        )
     if shape[0] == 0 or shape[1] == 0:
-        raise UserError(f"{name} has shape {tuple(shape)}: no data; it needs at least one "
-                        f"row and one column")
+        raise UserError(f"{name} has shape {tuple(shape)}: no data; it needs at least one row and one column")
     return int(shape[0]), int(shape[1])
 
 
@@ -105,18 +107,21 @@ class SafetensorsSource(VectorSource):
         self.path, self.name = path, str(path)
         try:
             with safe_open(path, framework="pt") as f:
-                slices = {k: f.get_slice(k) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
                 shapes = {k: s.get_shape() for k, s in slices.items()}
                 dtypes = {k: s.get_dtype() for k, s in slices.items()}
         except SafetensorError as e:
-            raise UserError(f"cannot read {path} as a .safetensors file ({e}); it may be "
-                            f"truncated or corrupt: write it again") from e
+            raise UserError(
+                f"cannot read {path} as a .safetensors file ({e}); it may be truncated or corrupt: write it again"
+            ) from e
         if key is None:
             matrices = [k for k, shape in shapes.items() if len(shape) == 2]
             if len(matrices) != 1:
                 found = ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()) or "no tensors"
-                raise UserError(f"{path} must hold exactly one 2-D tensor unless a key names "
-                                f"one; it holds {found}: pass the key of the vectors")
+                raise UserError(
+                    f"{path} must hold exactly one 2-D tensor unless a key names "
+                    f"one; it holds {found}: pass the key of the vectors"
+                )
             key = matrices[0]
         elif key not in shapes:
             raise UserError(f"{path} has no tensor {key!r}; choose one of {sorted(shapes)}")
@@ -136,9 +141,11 @@ class ShardedSource(VectorSource):
     def __init__(self, shards: list[VectorSource], name: str):
         for shard in shards[1:]:
             if shard.d != shards[0].d:
-                raise UserError(f"shards in {name} differ in width: {shards[0].name} has "
-                                f"d={shards[0].d} but {shard.name} has d={shard.d}; all "
-                                f"shards must have the same number of columns")
+                raise UserError(
+                    f"shards in {name} differ in width: {shards[0].name} has "
+                    f"d={shards[0].d} but {shard.name} has d={shard.d}; all "
+                    f"shards must have the same number of columns"
+                )
         self.shards, self.name, self.d = shards, name, shards[0].d
         self.starts = [0, *np.cumsum([s.n for s in shards]).tolist()]  # first row of each shard
         self.n = self.starts[-1]
@@ -176,8 +183,9 @@ def open_vectors(source, key: str | None = None) -> VectorSource:
         return _open_file(path, key)
     files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
     if not files:
-        raise UserError(f"folder {path} holds no .npy or .safetensors files; put the vector "
-                        f"shards there or give a file")
+        raise UserError(
+            f"folder {path} holds no .npy or .safetensors files; put the vector shards there or give a file"
+        )
     return ShardedSource([_open_file(p, key) for p in files], str(path))
 
 
@@ -185,13 +193,13 @@ def _open_file(path: Path, key: str | None) -> VectorSource:
     if path.suffix == ".safetensors":
         return SafetensorsSource(path, key)
     if path.suffix != ".npy":
-        raise UserError(f"{path} has unsupported type {path.suffix or '(no suffix)'!r}; "
-                        f"use .npy or .safetensors files")
+        raise UserError(f"{path} has unsupported type {path.suffix or '(no suffix)'!r}; use .npy or .safetensors files")
     try:
         array = np.load(path, mmap_mode="r")  # pages are read on demand, never all at once
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path} as a .npy file ({e}); it may be truncated or "
-                        f"corrupt: write it again") from e
+        raise UserError(
+            f"cannot read {path} as a .npy file ({e}); it may be truncated or corrupt: write it again"
+        ) from e
     if not isinstance(array, np.ndarray):  # np.load opens a .npz archive whatever its name
         raise UserError(f"{path} is an .npz archive, not a .npy file; save one array with np.save")
     return ArraySource(array, str(path))
@@ -202,8 +210,7 @@ def check_finite(block: torch.Tensor, source: VectorSource, start: int) -> torch
     # min and max propagate NaN and reach inf: two reductions, no (rows, d) mask unless something is wrong
     if block.numel() and not torch.isfinite(torch.stack(torch.aminmax(block))).all():
         row = start + int((~torch.isfinite(block).all(dim=1)).nonzero()[0])
-        raise UserError(f"{source.where(row)} holds NaN or inf (as {block.dtype}); remove "
-                        f"or fix the non-finite rows")
+        raise UserError(f"{source.where(row)} holds NaN or inf (as {block.dtype}); remove or fix the non-finite rows")
     return block
 
 
@@ -219,30 +226,49 @@ class VectorStream:
     short batch cannot be split evenly.
     """
 
-    def __init__(self, source, batch_size: int, shuffle_buffer: int = 2**16,
-                 chunk_size: int | None = None, seed: int = 0, dtype=torch.float32,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True,
-                 epochs: int | None = None):
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        shuffle_buffer: int = 2**16,
+        chunk_size: int | None = None,
+        seed: int = 0,
+        dtype=torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        epochs: int | None = None,
+    ):
         self.source = open_vectors(source)
         chunk_size = chunk_size or max(1, shuffle_buffer // 16)
-        for name, value in [("batch_size", batch_size), ("shuffle_buffer", shuffle_buffer),
-                            ("chunk_size", chunk_size), ("world_size", world_size)]:
+        for name, value in [
+            ("batch_size", batch_size),
+            ("shuffle_buffer", shuffle_buffer),
+            ("chunk_size", chunk_size),
+            ("world_size", world_size),
+        ]:
             if value < 1:
                 raise UserError(f"{name} is {value}; it must be a positive integer")
         if chunk_size > shuffle_buffer:
-            raise UserError(f"chunk_size {chunk_size} exceeds shuffle_buffer {shuffle_buffer}; "
-                            f"a window must hold at least one chunk: lower chunk_size")
+            raise UserError(
+                f"chunk_size {chunk_size} exceeds shuffle_buffer {shuffle_buffer}; "
+                f"a window must hold at least one chunk: lower chunk_size"
+            )
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside 0..{world_size - 1} for world_size {world_size}")
         if seed < 0 or (epochs is not None and epochs < 0):
             raise UserError(f"seed ({seed}) and epochs ({epochs}) must not be negative")
         if not drop_last and world_size > 1:
-            raise UserError("drop_last=False needs world_size=1: a short last batch cannot be "
-                            "split evenly across ranks; use drop_last=True")
+            raise UserError(
+                "drop_last=False needs world_size=1: a short last batch cannot be "
+                "split evenly across ranks; use drop_last=True"
+            )
         self.global_batch = batch_size * world_size
         if drop_last and self.source.n < self.global_batch:
-            raise UserError(f"{self.source.name} has {self.source.n} rows, fewer than one global "
-                            f"batch of {self.global_batch}; use a smaller batch or more data")
+            raise UserError(
+                f"{self.source.name} has {self.source.n} rows, fewer than one global "
+                f"batch of {self.global_batch}; use a smaller batch or more data"
+            )
         self.batch_size, self.shuffle_buffer, self.chunk_size = batch_size, shuffle_buffer, chunk_size
         self.seed, self.dtype, self.rank, self.drop_last, self.epochs = seed, dtype, rank, drop_last, epochs
         self.n_chunks = math.ceil(self.source.n / chunk_size)
@@ -252,9 +278,15 @@ class VectorStream:
 
     def _settings(self) -> dict:
         """What the position's meaning depends on; checked when a state is loaded."""
-        return {"seed": self.seed, "rows": self.source.n, "width": self.source.d,
-                "global_batch": self.global_batch, "shuffle_buffer": self.shuffle_buffer,
-                "chunk_size": self.chunk_size, "drop_last": self.drop_last}
+        return {
+            "seed": self.seed,
+            "rows": self.source.n,
+            "width": self.source.d,
+            "global_batch": self.global_batch,
+            "shuffle_buffer": self.shuffle_buffer,
+            "chunk_size": self.chunk_size,
+            "drop_last": self.drop_last,
+        }
 
     def state_dict(self) -> dict:
         """The position after the batches taken so far, as plain ints and bools (JSON-safe)."""
@@ -265,17 +297,20 @@ class VectorStream:
         now = self._settings()
         changed = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in now.items() if state.get(k) != v]
         if changed:
-            raise UserError(f"cannot resume this stream: the saved position was taken with "
-                            f"{', '.join(changed)}; resume with the same data and stream settings")
+            raise UserError(
+                f"cannot resume this stream: the saved position was taken with "
+                f"{', '.join(changed)}; resume with the same data and stream settings"
+            )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _layout(self, epoch: int) -> tuple[list[np.ndarray], list[int]]:
         """Epoch's windows (chunk ids, sorted for forward reads) and their first stream positions."""
         order = np.random.default_rng([self.seed, epoch, 0, 0]).permutation(self.n_chunks)
         per_window = self.shuffle_buffer // self.chunk_size
-        windows = [np.sort(order[i:i + per_window]) for i in range(0, self.n_chunks, per_window)]
-        sizes = [int((np.minimum((w + 1) * self.chunk_size, self.source.n) - w * self.chunk_size).sum())
-                 for w in windows]
+        windows = [np.sort(order[i : i + per_window]) for i in range(0, self.n_chunks, per_window)]
+        sizes = [
+            int((np.minimum((w + 1) * self.chunk_size, self.source.n) - w * self.chunk_size).sum()) for w in windows
+        ]
         return windows, [0, *np.cumsum(sizes).tolist()]
 
     def _load_window(self, epoch: int, index: int, chunks: np.ndarray, size: int):
@@ -284,7 +319,7 @@ class VectorStream:
         for chunk in chunks.tolist():
             start = chunk * self.chunk_size
             stop = min(start + self.chunk_size, self.source.n)
-            block = rows[at:at + stop - start]
+            block = rows[at : at + stop - start]
             block.copy_(self.source.read(start, stop))  # converts to self.dtype in place
             check_finite(block, self.source, start)
             at += stop - start
@@ -296,26 +331,27 @@ class VectorStream:
         n, b = self.source.n, self.batch_size
         while self.epochs is None or self.epoch < self.epochs:
             windows, starts = self._layout(self.epoch)
-            loaded, rows, perm = -1, None, None
+            loaded, rows, perm = -1, torch.empty(0), torch.empty(0, dtype=torch.int64)
             while self.step < self.steps_per_epoch:
                 lo = self.step * self.global_batch + self.rank * b  # this rank's stream positions
                 hi, pieces = min(lo + b, n), []
                 while lo < hi:
                     w = bisect.bisect_right(starts, lo) - 1
                     if w != loaded:
-                        rows = perm = None  # free the old window before reading the next
+                        rows = perm = torch.empty(0, dtype=torch.int64)  # free the old window before reading the next
                         rows, perm = self._load_window(self.epoch, w, windows[w], starts[w + 1] - starts[w])
                         loaded = w
                     end = min(hi, starts[w + 1])
-                    pieces.append(rows[perm[lo - starts[w]:end - starts[w]]])
+                    pieces.append(rows[perm[lo - starts[w] : end - starts[w]]])
                     lo = end
                 self.step += 1  # before the yield: a state saved after this batch resumes after it
                 yield torch.cat(pieces)
             self.epoch, self.step = self.epoch + 1, 0
 
 
-def mean_and_mean_squared_norm(source, max_rows: int | None = None,
-                               chunk_size: int = 65536) -> tuple[torch.Tensor, float]:
+def mean_and_mean_squared_norm(
+    source, max_rows: int | None = None, chunk_size: int = 65536
+) -> tuple[torch.Tensor, float]:
     """(mean (d,) float64, E||x||^2) over the first max_rows rows (all if None), in one pass."""
     source = open_vectors(source)
     if max_rows is not None and max_rows < 1:
@@ -329,8 +365,7 @@ def mean_and_mean_squared_norm(source, max_rows: int | None = None,
     return total / n, total_sq / n
 
 
-def geometric_median(source, iters: int = 100, max_rows: int = 4096, seed: int = 0,
-                     tol: float = 1e-10) -> torch.Tensor:
+def geometric_median(source, iters: int = 100, max_rows: int = 4096, seed: int = 0, tol: float = 1e-10) -> torch.Tensor:
     """argmin_y sum_i ||x_i - y|| (float64 (d,)) over at most max_rows random rows.
 
     Weiszfeld's algorithm with Vardi & Zhang's (2000) step at a data point, which plain

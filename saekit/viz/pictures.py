@@ -29,11 +29,11 @@ def _rows(X, name: str) -> np.ndarray:
     """X as a finite float64 array (n, d) with n, d >= 1, or a UserError naming `name`."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise UserError(f"{name} must be a non-empty 2-D array (n, d) with one example per row; "
-                        f"got shape {X.shape}")
+        raise UserError(f"{name} must be a non-empty 2-D array (n, d) with one example per row; got shape {X.shape}")
     if not np.isfinite(X).all():
-        raise UserError(f"{name} contains NaN or inf; pictures need finite values "
-                        f"(check the training run that produced it)")
+        raise UserError(
+            f"{name} contains NaN or inf; pictures need finite values (check the training run that produced it)"
+        )
     return X
 
 
@@ -43,16 +43,19 @@ def _as_tiles(X: np.ndarray, image_shape, order: str, name: str) -> np.ndarray:
     if image_shape is None:
         side = math.isqrt(d)
         if side * side != d:
-            raise UserError(f"{name} has {d} values per row, which is not a perfect square; "
-                            f"pass image_shape=(height, width) with height * width = {d}")
+            raise UserError(
+                f"{name} has {d} values per row, which is not a perfect square; "
+                f"pass image_shape=(height, width) with height * width = {d}"
+            )
         image_shape = (side, side)
     h, w = image_shape
     if h * w != d:
-        raise UserError(f"image_shape {tuple(image_shape)} holds {h * w} values but {name} has "
-                        f"{d} per row; pass a shape whose height * width = {d}")
+        raise UserError(
+            f"image_shape {tuple(image_shape)} holds {h * w} values but {name} has "
+            f"{d} per row; pass a shape whose height * width = {d}"
+        )
     if order not in ("C", "F"):
-        raise UserError(f'order must be "C" (row-major, NumPy) or "F" (column-major, MATLAB); '
-                        f"got {order!r}")
+        raise UserError(f'order must be "C" (row-major, NumPy) or "F" (column-major, MATLAB); got {order!r}')
     if order == "C":
         return X.reshape(n, h, w)
     # Column-major (MATLAB's patch(:) stacks columns): each row holds the w columns of its
@@ -74,12 +77,11 @@ def _grid(tiles: np.ndarray, cols: int, padding: int, pad_value: int) -> np.ndar
     `pad_value` around and between tiles (display_network's buf); unused cells stay pad."""
     n, h, w = tiles.shape
     rows = -(-n // cols)
-    out = np.full((padding + rows * (h + padding), padding + cols * (w + padding)),
-                  pad_value, dtype=np.uint8)
+    out = np.full((padding + rows * (h + padding), padding + cols * (w + padding)), pad_value, dtype=np.uint8)
     for k in range(n):
         i, j = divmod(k, cols)
         top, left = padding + i * (h + padding), padding + j * (w + padding)
-        out[top:top + h, left:left + w] = tiles[k]
+        out[top : top + h, left : left + w] = tiles[k]
     return out
 
 
@@ -122,8 +124,7 @@ def _shared_grey(tiles: np.ndarray, low, high) -> np.ndarray:
         return _to_grey(np.clip(2 * (tiles - lo) / (hi - lo) - 1, -1, 1))
     if low is None and high is None:  # constant data: nothing to spread
         return _to_grey(np.zeros_like(tiles))
-    raise UserError(f"the grey range from low={lo:g} to high={hi:g} is empty; pass both low "
-                    f"and high with high > low")
+    raise UserError(f"the grey range from low={lo:g} to high={hi:g} is empty; pass both low and high with high > low")
 
 
 def tile_images(X, image_shape=None, order="C", low=None, high=None, padding=1) -> np.ndarray:
@@ -136,8 +137,7 @@ def tile_images(X, image_shape=None, order="C", low=None, high=None, padding=1) 
     """
     tiles = _as_tiles(_rows(X, "X"), image_shape, order, "X")
     padding = _check_padding(padding)
-    return _grid(_shared_grey(tiles, low, high), _square_cols(len(tiles)), padding,
-                 pad_value=128)
+    return _grid(_shared_grey(tiles, low, high), _square_cols(len(tiles)), padding, pad_value=128)
 
 
 _PAIR_GAP = 1  # pixels between an input and its reconstruction
@@ -155,13 +155,15 @@ def side_by_side(inputs, outputs, *more, image_shape=None, order="C", low=None, 
     arrays = [_rows(inputs, "inputs"), _rows(outputs, "outputs")] + [_rows(a, "arrays") for a in more]
     x = arrays[0]
     if any(a.shape != x.shape for a in arrays[1:]):
-        raise UserError(f"inputs {x.shape} and outputs {', '.join(str(a.shape) for a in arrays[1:])} must have "
-                        f"the same shape: one reconstruction per input")
+        raise UserError(
+            f"inputs {x.shape} and outputs {', '.join(str(a.shape) for a in arrays[1:])} must have "
+            f"the same shape: one reconstruction per input"
+        )
     tiles = _shared_grey(_as_tiles(np.concatenate(arrays), image_shape, order, "inputs"), low, high)
     n, k, h, w = len(x), len(arrays), tiles.shape[1], tiles.shape[2]
     groups = np.full((n, h, k * w + (k - 1) * _PAIR_GAP), 128, dtype=np.uint8)
     for i in range(k):
-        groups[:, :, i * (w + _PAIR_GAP):i * (w + _PAIR_GAP) + w] = tiles[i * n:(i + 1) * n]
+        groups[:, :, i * (w + _PAIR_GAP) : i * (w + _PAIR_GAP) + w] = tiles[i * n : (i + 1) * n]
     return _grid(groups, math.isqrt((n - 1) // k) + 1, _GRID_GAP, pad_value=128)
 
 
@@ -177,8 +179,18 @@ def upscale(img, min_size=512) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # Charts: a white canvas, a plot area with ticks, data drawn in pixel coordinates
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 _INK = (20, 20, 20)
 _GRID = (225, 225, 225)
 _WHITE = (255, 255, 255)
@@ -242,7 +254,7 @@ def _log_labels(values: list[float]) -> list[str]:
     return [_compact(f"{v:.0e}") for v in values]
 
 
-def _ticks(lo: float, hi: float, log=False, integer=False) -> list[tuple[float, str]]:
+def _ticks(lo: float, hi: float, log: bool = False, integer: bool = False) -> list[tuple[float, str]]:
     """About six ticks (position, label) within [lo, hi]. `integer` keeps steps >= 1 (counts).
 
     On a log axis positions are log10 values: whole decades when three fit, else 1, 2 and 5
@@ -250,13 +262,18 @@ def _ticks(lo: float, hi: float, log=False, integer=False) -> list[tuple[float, 
     placed at their logs.
     """
     if log:
-        step = max(1, math.ceil((hi - lo) / 6))
+        decades = max(1, math.ceil((hi - lo) / 6))
         for mults in ((1,), (1, 2, 5)):
-            logs = [k + math.log10(m) for k in range(math.floor(lo), math.ceil(hi) + 1)
-                    if k % step == 0 for m in mults if lo <= k + math.log10(m) <= hi]
+            logs = [
+                k + math.log10(m)
+                for k in range(math.floor(lo), math.ceil(hi) + 1)
+                if k % decades == 0
+                for m in mults
+                if lo <= k + math.log10(m) <= hi
+            ]
             if len(logs) >= 3:
-                return list(zip(logs, _log_labels([10.0 ** t for t in logs])))
-        return [(math.log10(v), label) for v, label in _ticks(10.0 ** lo, 10.0 ** hi) if v > 0]
+                return list(zip(logs, _log_labels([10.0**t for t in logs])))
+        return [(math.log10(v), label) for v, label in _ticks(10.0**lo, 10.0**hi) if v > 0]
     step = _nice_step(hi - lo, 6)
     if integer:
         step = max(step, 1.0)
@@ -271,10 +288,7 @@ def _limits(values: np.ndarray, margin: float, log=False) -> tuple[float, float]
     if values.size == 0:
         return 0.0, 1.0
     lo, hi = float(values.min()), float(values.max())
-    if hi > lo:
-        pad = margin * (hi - lo)
-    else:
-        pad = 0.5 if log else (0.1 * abs(lo) or 1.0)
+    pad = margin * (hi - lo) if hi > lo else 0.5 if log else 0.1 * abs(lo) or 1.0
     return lo - pad, hi + pad
 
 
@@ -285,10 +299,15 @@ def _fonts(width: int, height: int):
 
 
 def _check_canvas(width, height):
-    if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))
-            and width >= 200 and height >= 150):
-        raise UserError(f"chart size must be whole pixels, width >= 200 and height >= 150; "
-                        f"got width={width!r}, height={height!r}")
+    if not (
+        isinstance(width, (int, np.integer))
+        and isinstance(height, (int, np.integer))
+        and width >= 200
+        and height >= 150
+    ):
+        raise UserError(
+            f"chart size must be whole pixels, width >= 200 and height >= 150; got width={width!r}, height={height!r}"
+        )
 
 
 def _title(draw: ImageDraw.ImageDraw, width: int, top: int, text: str, font) -> int:
@@ -299,8 +318,18 @@ def _title(draw: ImageDraw.ImageDraw, width: int, top: int, text: str, font) -> 
     return top + _line_height(font) + font.size // 2
 
 
-def _axes(img: Image.Image, box, font, xlim, ylim, xlabel="", ylabel="", x_log=False,
-          y_log=False, y_integer=False):
+def _axes(
+    img: Image.Image,
+    box,
+    font,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    xlabel="",
+    ylabel="",
+    x_log=False,
+    y_log=False,
+    y_integer=False,
+):
     """Draw a plot frame with grid lines, ticks and labels filling `box` (left, top, right,
     bottom), and return to_px(x, y) -> pixel coordinates of data points (log axes take
     log10 values)."""
@@ -348,8 +377,9 @@ def _xy(values, name: str) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(len(a), dtype=np.float64), a
     if a.ndim == 2 and a.shape[0] == 2:
         return a[0], a[1]
-    raise UserError(f"series {name!r} must be a 1-D sequence of y values or a (2, n) array of "
-                    f"x and y rows; got shape {a.shape}")
+    raise UserError(
+        f"series {name!r} must be a 1-D sequence of y values or a (2, n) array of x and y rows; got shape {a.shape}"
+    )
 
 
 def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, font) -> int:
@@ -357,7 +387,8 @@ def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, f
     line_h = _line_height(font)
     swatch, gap = 2 * font.size, font.size
     items = [(name, swatch + gap // 2 + _text_size(font, name)[0]) for name in names]
-    rows, row = [], []
+    rows: list[list] = []
+    row: list = []
     for item_index, (name, w) in enumerate(items):
         if row and sum(r[2] for r in row) + gap * len(row) + w > width - 2 * gap:
             rows.append(row)
@@ -376,8 +407,7 @@ def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, f
     return top + gap // 2
 
 
-def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=800,
-               height=500) -> np.ndarray:
+def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=800, height=500) -> np.ndarray:
     """Curves such as cost per iteration as an RGB picture (height, width, 3) uint8.
 
     `series` maps a name to its y values (x = 0, 1, 2, ...) or to a (2, n) array of x and y
@@ -402,8 +432,9 @@ def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=
     draw = ImageDraw.Draw(img)
     top = _title(draw, width, font.size // 2, title, title_font)
     top = _legend(draw, [str(name) for name in series], width, top, font)
-    to_px = _axes(img, (0, top, width, height), font, _limits(xs, 0.02),
-                  _limits(ts, 0.05, log_y), xlabel, ylabel, y_log=log_y)
+    to_px = _axes(
+        img, (0, top, width, height), font, _limits(xs, 0.02), _limits(ts, 0.05, log_y), xlabel, ylabel, y_log=log_y
+    )
     radius = max(2, font.size // 5)
     for i, (x, t, keep) in enumerate(curves):
         colour = _PALETTE[i % len(_PALETTE)]
@@ -412,11 +443,13 @@ def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=
         edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
         for start, stop in zip(edges[::2], edges[1::2]):
             if stop - start == 1:
-                draw.ellipse([px[start] - radius, py[start] - radius,
-                              px[start] + radius, py[start] + radius], fill=colour)
+                draw.ellipse(
+                    [px[start] - radius, py[start] - radius, px[start] + radius, py[start] + radius], fill=colour
+                )
             else:
-                draw.line(list(zip(px[start:stop], py[start:stop])), fill=colour,
-                          width=max(2, font.size // 7), joint="curve")
+                draw.line(
+                    list(zip(px[start:stop], py[start:stop])), fill=colour, width=max(2, font.size // 7), joint="curve"
+                )
     return np.asarray(img)
 
 
@@ -432,12 +465,16 @@ def histogram_counts(values, bins=50, log_x=False):
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
         raise UserError(f"bins must be a whole number >= 1; got {bins!r}")
     if np.isnan(v).any() or (v == np.inf).any():
-        raise UserError("histogram values contain NaN or +inf; only finite values and -inf "
-                        "(e.g. log10 of a zero frequency) can be counted")
+        raise UserError(
+            "histogram values contain NaN or +inf; only finite values and -inf "
+            "(e.g. log10 of a zero frequency) can be counted"
+        )
     if log_x:
         if (v < 0).any():
-            raise UserError("histogram values must be >= 0 for log_x=True (log10 of a "
-                            "negative number is undefined); use log_x=False")
+            raise UserError(
+                "histogram values must be >= 0 for log_x=True (log10 of a "
+                "negative number is undefined); use log_x=False"
+            )
         with np.errstate(divide="ignore"):
             v = np.log10(v)
     finite = v[np.isfinite(v)]
@@ -445,8 +482,7 @@ def histogram_counts(values, bins=50, log_x=False):
     return counts, edges, int(v.size - finite.size)
 
 
-def histogram_chart(values, bins=50, title="", xlabel="", log_x=False, width=800,
-                    height=500) -> np.ndarray:
+def histogram_chart(values, bins=50, title="", xlabel="", log_x=False, width=800, height=500) -> np.ndarray:
     """A histogram as bars, RGB (height, width, 3) uint8; see `histogram_counts`.
 
     Values at -inf (zeros when log_x) cannot sit on the axis, so a line under the title says
@@ -464,8 +500,17 @@ def histogram_chart(values, bins=50, title="", xlabel="", log_x=False, width=800
     draw.text((width / 2, top), note, font=font, fill=_INK, anchor="ma")
     top += _line_height(font) + font.size
     ylim = (0.0, max(1, int(counts.max(initial=0))) * 1.08)
-    to_px = _axes(img, (0, top, width, height), font, _limits(edges, 0.02, log_x), ylim,
-                  xlabel, "count", x_log=log_x, y_integer=True)
+    to_px = _axes(
+        img,
+        (0, top, width, height),
+        font,
+        _limits(edges, 0.02, log_x),
+        ylim,
+        xlabel,
+        "count",
+        x_log=log_x,
+        y_integer=True,
+    )
     px, _ = to_px(edges, 0)
     _, py = to_px(0, counts)
     _, base = to_px(0, 0)
@@ -498,8 +543,7 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
         raise UserError("confusion matrix is all zeros: there are no predictions to show")
     names = [str(c) for c in range(k)] if class_names is None else [str(c) for c in class_names]
     if len(names) != k:
-        raise UserError(f"class_names has {len(names)} names for a {k}x{k} confusion matrix; "
-                        f"give one name per class")
+        raise UserError(f"class_names has {len(names)} names for a {k}x{k} confusion matrix; give one name per class")
     row_sums = cm.sum(axis=1, keepdims=True)
     shade = np.sqrt(np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0))
     colours = np.rint(_CM_LOW + shade[..., None] * (_CM_HIGH - _CM_LOW)).astype(int)
@@ -522,8 +566,7 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
     img = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(img)
     draw.text((width / 2, 2 * gap), heading, font=title_font, fill=_INK, anchor="ma")
-    draw.text((grid_x + k * cell / 2, y_predicted), "predicted class", font=font, fill=_INK,
-              anchor="ma")
+    draw.text((grid_x + k * cell / 2, y_predicted), "predicted class", font=font, fill=_INK, anchor="ma")
     _vertical_text(img, (x_true + line_h / 2, grid_y + k * cell / 2), "true class", font, _INK)
     for i in range(k):
         middle = (i + 0.5) * cell
@@ -532,14 +575,12 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
             w = _text_size(font, names[i])[0]
             _vertical_text(img, (grid_x + middle, grid_y - gap - w / 2), names[i], font, _INK)
         else:
-            draw.text((grid_x + middle, grid_y - gap), names[i], font=font, fill=_INK,
-                      anchor="md")
+            draw.text((grid_x + middle, grid_y - gap), names[i], font=font, fill=_INK, anchor="md")
         for j in range(k):
             x, y = grid_x + j * cell, grid_y + i * cell
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(colours[i, j]))
             ink = _WHITE if shade[i, j] > 0.6 else _INK
-            draw.text((x + cell / 2, y + cell / 2), str(cm[i, j]), font=font, fill=ink,
-                      anchor="mm")
+            draw.text((x + cell / 2, y + cell / 2), str(cm[i, j]), font=font, fill=ink, anchor="mm")
     draw.rectangle([grid_x - 1, grid_y - 1, grid_x + k * cell, grid_y + k * cell], outline=_INK)
     return np.asarray(img)
 
@@ -553,12 +594,10 @@ def save_png(img, path) -> Path:
     temporary file in the same folder, then os.replace, so readers never see half a file."""
     img = np.asarray(img)
     if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-        raise UserError(f"a picture must be a uint8 array (H, W) or (H, W, 3); "
-                        f"got {img.dtype} of shape {img.shape}")
+        raise UserError(f"a picture must be a uint8 array (H, W) or (H, W, 3); got {img.dtype} of shape {img.shape}")
     path = Path(path)
     if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; "
-                        f"create it or choose another path")
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose another path")
     buffer = io.BytesIO()
     Image.fromarray(img).save(buffer, format="PNG")
     return atomic_write(path, buffer.getvalue())

@@ -40,10 +40,9 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import UserError
-from .files import atomic_write
-from .runs import write_json
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_write, write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DOCUMENTS = ("line", "file")
@@ -57,8 +56,10 @@ def import_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise UserError("harvesting needs the transformers library, which is not installed: "
-                        "pip install 'saekit[harvest]' (or pip install transformers)") from e
+        raise UserError(
+            "harvesting needs the transformers library, which is not installed: "
+            "pip install 'saekit[harvest]' (or pip install transformers)"
+        ) from e
     return transformers
 
 
@@ -71,21 +72,27 @@ def resolve_model_folder(model: str) -> Path:
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model folder {path} has no config.json; give a folder written by "
-                            f"save_pretrained (config.json, weights and tokenizer files)")
+            raise UserError(
+                f"model folder {path} has no config.json; give a folder written by "
+                f"save_pretrained (config.json, weights and tokenizer files)"
+            )
         return path
     module = model.replace("-", "_")
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model {model!r} is neither a folder nor an installed Python package; "
-                        f"harvest works offline: download the model into a folder first (e.g. "
-                        f"hf download NAME --local-dir DIR) and pass that folder")
+        raise UserError(
+            f"model {model!r} is neither a folder nor an installed Python package; "
+            f"harvest works offline: download the model into a folder first (e.g. "
+            f"hf download NAME --local-dir DIR) and pass that folder"
+        )
     package = Path(list(spec.submodule_search_locations)[0])
     found = sorted(p.parent for p in [package / "config.json", *package.glob("*/config.json")] if p.is_file())
     if len(found) != 1:
         which = ", ".join(map(str, found)) or "none"
-        raise UserError(f"package {model!r} ({package}) must hold exactly one model folder with a "
-                        f"config.json; found {which}: pass the model folder itself")
+        raise UserError(
+            f"package {model!r} ({package}) must hold exactly one model folder with a "
+            f"config.json; found {which}: pass the model folder itself"
+        )
     return found[0]
 
 
@@ -102,8 +109,10 @@ def text_files(texts) -> list[Path]:
         else:
             raise UserError(f"text source {text} does not exist; give text files or folders of .txt files")
     if not files:
-        raise UserError(f"no text files in {', '.join(map(str, texts)) or 'the text list'}; "
-                        f"give text files or folders holding .txt files")
+        raise UserError(
+            f"no text files in {', '.join(map(str, texts)) or 'the text list'}; "
+            f"give text files or folders holding .txt files"
+        )
     return files
 
 
@@ -137,8 +146,13 @@ def token_windows(tokenizer, documents, context_length: int):
     """Yield token-id lists of at most context_length tokens, special tokens included."""
     for docs in _groups(documents, TOKENIZE_DOCUMENTS):
         # Overflowing tokens become further windows instead of being cut off.
-        encoded = tokenizer(docs, truncation=True, max_length=context_length,
-                            return_overflowing_tokens=True, return_attention_mask=False)
+        encoded = tokenizer(
+            docs,
+            truncation=True,
+            max_length=context_length,
+            return_overflowing_tokens=True,
+            return_attention_mask=False,
+        )
         yield from (ids for ids in encoded["input_ids"] if ids)
 
 
@@ -149,8 +163,8 @@ def batches(windows, batch_size: int, pad_id: int):
         input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for i, ids in enumerate(group):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
         yield input_ids, mask
 
 
@@ -177,9 +191,11 @@ def capture(model, input_ids, attention_mask, layer: int | None, hook_module: st
         handle.remove()
     if not captured or captured[0].ndim != 3 or captured[0].shape[:2] != input_ids.shape:
         shape = tuple(captured[0].shape) if captured else "nothing"
-        raise UserError(f"module {hook_module!r} gave {shape}, not (batch, seq, d) activations "
-                        f"for (batch, seq) = {tuple(input_ids.shape)}; hook a module whose output "
-                        f"has one vector per token")
+        raise UserError(
+            f"module {hook_module!r} gave {shape}, not (batch, seq, d) activations "
+            f"for (batch, seq) = {tuple(input_ids.shape)}; hook a module whose output "
+            f"has one vector per token"
+        )
     return captured[0]
 
 
@@ -188,7 +204,8 @@ class ShardWriter:
 
     def __init__(self, out: Path, shard_size: int):
         self.out, self.shard_size = out, shard_size
-        self.pending, self.n_pending, self.n_shards = [], 0, 0
+        self.pending: list[torch.Tensor] = []
+        self.n_pending, self.n_shards = 0, 0
 
     def add(self, rows: torch.Tensor) -> None:
         self.pending.append(rows)
@@ -220,14 +237,18 @@ def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; give a folder")
     if (out / MANIFEST).exists() and not overwrite:
-        raise UserError(f"{out} already holds a finished harvest ({MANIFEST}); pass --overwrite "
-                        f"to replace it or choose another output folder")
+        raise UserError(
+            f"{out} already holds a finished harvest ({MANIFEST}); pass --overwrite "
+            f"to replace it or choose another output folder"
+        )
     if out.is_dir():
         ours = _old_files(out)
         others = [p.name for p in out.iterdir() if p.suffix in (".npy", ".safetensors") and p not in ours]
         if others:  # open_vectors would read them as part of the activations
-            raise UserError(f"output folder {out} holds other vector files ({', '.join(sorted(others)[:3])}); "
-                            f"choose an empty or new folder")
+            raise UserError(
+                f"output folder {out} holds other vector files ({', '.join(sorted(others)[:3])}); "
+                f"choose an empty or new folder"
+            )
 
 
 def clear_output(out: Path) -> None:
@@ -259,8 +280,10 @@ def load_model(folder: Path, device: str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = transformers.AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a model and tokenizer from {folder} ({e}); give a folder "
-                        f"written by save_pretrained with config.json, weights and tokenizer files") from e
+        raise UserError(
+            f"cannot load a model and tokenizer from {folder} ({e}); give a folder "
+            f"written by save_pretrained with config.json, weights and tokenizer files"
+        ) from e
     return model.to(device).eval(), tokenizer
 
 
@@ -269,33 +292,55 @@ def _check_model(model, tokenizer, layer, hook_module, context_length, drop_firs
     if layer is not None:
         n_layers = getattr(config, "num_hidden_layers", None)
         if n_layers is None:
-            raise UserError(f"cannot tell how many layers the {config.model_type} model has; "
-                            f"use --hook-module with a module name instead of --layer")
+            raise UserError(
+                f"cannot tell how many layers the {config.model_type} model has; "
+                f"use --hook-module with a module name instead of --layer"
+            )
         if not 0 <= layer <= n_layers:
-            raise UserError(f"layer {layer} is out of range: the model has {n_layers} layers, so "
-                            f"hidden_states run from 0 (embeddings) to {n_layers}")
+            raise UserError(
+                f"layer {layer} is out of range: the model has {n_layers} layers, so "
+                f"hidden_states run from 0 (embeddings) to {n_layers}"
+            )
     else:
         names = dict(model.named_modules())
         if hook_module not in names:
             last = hook_module.rsplit(".", 1)[-1]
             like = [n for n in names if n.endswith(last)][:5] or [n for n in names if n][:5]
-            raise UserError(f"the model has no module {hook_module!r}; names look like "
-                            f"{', '.join(like)} (see model.named_modules())")
+            raise UserError(
+                f"the model has no module {hook_module!r}; names look like "
+                f"{', '.join(like)} (see model.named_modules())"
+            )
     n_positions = getattr(config, "max_position_embeddings", None)
     if n_positions is not None and context_length > n_positions:
-        raise UserError(f"context_length {context_length} exceeds the model's {n_positions} "
-                        f"positions; lower --context-length")
+        raise UserError(
+            f"context_length {context_length} exceeds the model's {n_positions} positions; lower --context-length"
+        )
     n_special = tokenizer.num_special_tokens_to_add()
     if context_length <= n_special + drop_first:
-        raise UserError(f"context_length {context_length} leaves no text tokens (the tokenizer adds "
-                        f"{n_special} special tokens per window); raise --context-length")
+        raise UserError(
+            f"context_length {context_length} leaves no text tokens (the tokenizer adds "
+            f"{n_special} special tokens per window); raise --context-length"
+        )
 
 
-def harvest(model: str, texts, out, *, layer: int | None = None, hook_module: str | None = None,
-            context_length: int = 128, batch_size: int = 32, max_tokens: int | None = None,
-            shard_size: int = 65536, dtype: str = "float32", document: str = "line",
-            drop_first: bool = False, device: str = "cpu", overwrite: bool = False,
-            progress: bool = True) -> dict:
+def harvest(
+    model: str,
+    texts,
+    out,
+    *,
+    layer: int | None = None,
+    hook_module: str | None = None,
+    context_length: int = 128,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    shard_size: int = 65536,
+    dtype: str = "float32",
+    document: str = "line",
+    drop_first: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run `model` over the text and write its activations as shards into `out`; return the manifest.
 
     Exactly one of `layer` (an index into hidden_states) and `hook_module` (a module name) is
@@ -324,10 +369,12 @@ def harvest(model: str, texts, out, *, layer: int | None = None, hook_module: st
                 keep[:, 0] = False
             rows = hidden[keep.to(hidden.device)].to("cpu", DTYPES[dtype])  # (real tokens, d), text order
             if max_tokens is not None:
-                rows = rows[:max_tokens - n_tokens]
+                rows = rows[: max_tokens - n_tokens]
             if not torch.isfinite(rows).all():
-                raise UserError(f"the activations hold NaN or inf (as {dtype}) near token {n_tokens}; "
-                                f"use --dtype float32 or check the model")
+                raise UserError(
+                    f"the activations hold NaN or inf (as {dtype}) near token {n_tokens}; "
+                    f"use --dtype float32 or check the model"
+                )
             writer.add(rows)
             n_tokens, d = n_tokens + len(rows), rows.shape[1]
             bar.update(len(rows))
@@ -335,53 +382,31 @@ def harvest(model: str, texts, out, *, layer: int | None = None, hook_module: st
                 break
     bar.close()
     if n_tokens == 0:
-        raise UserError(f"the text files ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
-                        f"hold no tokens to harvest; give files with text in them")
+        raise UserError(
+            f"the text files ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
+            f"hold no tokens to harvest; give files with text in them"
+        )
     writer.close()
     manifest = {
-        "saekit_version": __version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__, "model": str(model), "model_folder": str(folder),
-        "model_type": net.config.model_type, "layer": layer, "hook_module": hook_module,
-        "d": d, "n_tokens": n_tokens, "n_shards": writer.n_shards, "shard_size": shard_size,
-        "dtype": dtype, "texts": [str(p) for p in files], "document": document,
-        "context_length": context_length, "drop_first": drop_first, "max_tokens": max_tokens,
+        "saekit_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "model": str(model),
+        "model_folder": str(folder),
+        "model_type": net.config.model_type,
+        "layer": layer,
+        "hook_module": hook_module,
+        "d": d,
+        "n_tokens": n_tokens,
+        "n_shards": writer.n_shards,
+        "shard_size": shard_size,
+        "dtype": dtype,
+        "texts": [str(p) for p in files],
+        "document": document,
+        "context_length": context_length,
+        "drop_first": drop_first,
+        "max_tokens": max_tokens,
         "seconds": round(time.time() - start, 3),
     }
     write_json(out / MANIFEST, manifest)
     return manifest
-
-
-def add_harvest_arguments(parser) -> None:
-    """The `saekit harvest` options on an argparse (sub)parser; run_harvest reads them."""
-    parser.add_argument("--model", required=True, metavar="FOLDER_OR_PACKAGE",
-                        help="model folder (save_pretrained layout) or installed package that ships one")
-    parser.add_argument("--text", required=True, nargs="+", metavar="PATH",
-                        help="text files, or folders searched recursively for *.txt")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and harvest.json")
-    parser.add_argument("--layer", type=int, help="hidden_states index: 0 = embeddings, L = output of block L")
-    parser.add_argument("--hook-module", metavar="NAME", help="capture this module's output instead (e.g. h.3.mlp)")
-    parser.add_argument("--context-length", type=int, default=128, help="tokens per window at most (default: 128)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
-    parser.add_argument("--max-tokens", type=int, help="stop after this many activation rows (default: all the text)")
-    parser.add_argument("--shard-size", type=int, default=65536, help="rows per shard file (default: 65536)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype (default: float32)")
-    parser.add_argument("--document", choices=DOCUMENTS, default="line",
-                        help="one document per non-blank line or per file (default: line)")
-    parser.add_argument("--drop-first", action="store_true", help="drop the first token (BOS/[CLS]) of every window")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished harvest in --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def run_harvest(args) -> int:
-    """Run `saekit harvest` from parsed arguments; UserError is left to the caller (exit 2)."""
-    manifest = harvest(args.model, args.text, args.out, layer=args.layer, hook_module=args.hook_module,
-                       context_length=args.context_length, batch_size=args.batch_size,
-                       max_tokens=args.max_tokens, shard_size=args.shard_size, dtype=args.dtype,
-                       document=args.document, drop_first=args.drop_first, device=args.device,
-                       overwrite=args.overwrite, progress=not args.no_progress)
-    where = f"layer {args.layer}" if args.hook_module is None else f"module {args.hook_module}"
-    print(f"harvested {manifest['n_tokens']} vectors of d={manifest['d']} from {where} of "
-          f"{manifest['model']} into {manifest['n_shards']} shards in {args.out} "
-          f"({manifest['seconds']:.1f} s)")
-    return 0

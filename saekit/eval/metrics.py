@@ -1,9 +1,11 @@
-"""Metrics of a trained autoencoder on a data set, computed exactly over all its examples."""
+"""Metrics of a trained autoencoder on a data set, computed exactly over all its examples.
+
+`evaluate` reports the loss the model trains on (its terms from the forward pass, in evaluation
+mode) over rows in memory; `evaluate_stream` the reconstruction and sparsity of a dictionary
+over a stream of any size.
+"""
 
 import torch
-
-from .config import TrainConfig
-from .training import loss_terms
 
 
 def fraction(numerator: float, denominator: float) -> float:
@@ -12,23 +14,26 @@ def fraction(numerator: float, denominator: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, cfg: TrainConfig, target: torch.Tensor | None = None) -> dict:
-    """Cost and its terms (rho_hat exact over x), rho_hat statistics and reconstruction errors.
+def evaluate(model, x: torch.Tensor, target: torch.Tensor | None = None) -> dict:
+    """The cost and its terms over all of x (m, n_inputs) (the sigmoid kind's rho_hat exact over
+    x), statistics of the mean codes rho_hat, and reconstruction errors against target (default x).
 
     mse is the mean squared error per input value; fvu, the fraction of variance unexplained,
     is sum ||x_hat - y||^2 / sum ||y - mean(y)||^2 (0 is perfect, 1 is no better than the mean).
     """
     y = x if target is None else target
-    _, ev = loss_terms(model, x, cfg, target)
-    error = model(x).x_hat - y
+    model.eval()
+    out = model(x, target)
+    reconstruction, sparsity, _, decay = out.terms.numbers()
+    error = out.x_hat - y
     squared = float(error.pow(2).sum())
-    rho_hat = ev.rho_hat
+    rho_hat = model.dense_codes(out.codes).mean(0)
     return {
         "n_examples": x.shape[0],
-        "cost": ev.cost,
-        "reconstruction": ev.reconstruction,
-        "weight_decay": ev.weight_decay,
-        "sparsity": ev.sparsity,
+        "cost": out.terms.total,
+        "reconstruction": reconstruction,
+        "weight_decay": decay,
+        "sparsity": sparsity,
         "rho_hat_mean": float(rho_hat.mean()),
         "rho_hat_min": float(rho_hat.min()),
         "rho_hat_max": float(rho_hat.max()),
@@ -49,17 +54,17 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
     model.eval()
     n = source.n if max_rows is None else min(source.n, max_rows)
     dtype, device = model.W1.dtype, model.W1.device
-    squared_error = total = total_squared = active = 0.0
+    squared_error = total_squared = active = 0.0
+    total = torch.zeros(model.n_inputs, dtype=torch.float64)
     fired = torch.zeros(model.n_hidden, dtype=torch.float64)
     for start in range(0, n, batch_size):
         x = source.read(start, min(start + batch_size, n)).to(dtype=dtype, device=device)
         out = model(x)
-        h = model.dense_codes(out.h)
+        h = model.dense_codes(out.codes)
         squared_error += float((out.x_hat - x).double().pow(2).sum())
-        total = total + x.double().sum(0)
+        total += x.double().sum(0).cpu()
         total_squared += float(x.double().pow(2).sum())
-        active_units = (h > 0) if model.activation != "sigmoid" else h
-        fired += active_units.double().sum(0).cpu()
+        fired += model.activity(out.codes).double().sum(0).cpu()
         active += float((h > 0).sum())
     variance = total_squared - float(total.pow(2).sum()) / n
     density = fired / n

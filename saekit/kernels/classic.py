@@ -4,7 +4,9 @@
 
 with sigmoid hidden units a2 = sigmoid(x W1^T + b1), sigmoid outputs x_hat = sigmoid(a2 W2^T + b2),
 rho_hat = mean over the m examples of a2, and y the target (y = x, or the clean input of a
-denoising autoencoder). Back-propagation with UFLDL's modified delta2:
+denoising autoencoder). The sparsity term is passed in as a function of rho_hat (its value and
+its slope per unit), so the same code serves KL, L1 on the codes, or none. Back-propagation
+with UFLDL's modified delta2:
 
     delta3 = (x_hat - y) * x_hat * (1 - x_hat)                                  (m, n_inputs)
     delta2 = (delta3 W2 + beta * (-rho/rho_hat + (1-rho)/(1-rho_hat))) * a2 * (1 - a2)   (m, n_hidden)
@@ -32,13 +34,13 @@ everything else is element-wise work on (m, n_inputs) arrays, which is memory-bo
 On a GPU everything stays in torch.
 """
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from .blas import matmul
-from .penalties import kl_derivative, kl_divergence
 
 BLOCK_BYTES = 1 << 20  # output-layer rows per element-wise block: about 1 MB per array, inside the 2 MB L2
 
@@ -70,7 +72,7 @@ class Workspace:
     """Buffers reused across evaluations for one problem shape, so no large array is allocated per call."""
 
     def __init__(self, m: int, n_inputs: int, n_hidden: int, dtype: torch.dtype, device: torch.device):
-        kw = dict(dtype=dtype, device=device)
+        kw: dict[str, Any] = dict(dtype=dtype, device=device)
         self.key = (m, n_inputs, n_hidden, dtype, device)
         self.a2_1 = torch.empty(m, n_hidden + 1, **kw)  # [a2 1]: hidden activations and a column of ones
         self.a2_1[:, n_hidden] = 1
@@ -113,21 +115,20 @@ def cost_and_grad(
     b2: torch.Tensor,
     x: torch.Tensor,
     lambda_: float,
-    rho: float,
-    beta: float,
+    sparsity: Callable[[torch.Tensor], tuple[torch.Tensor, float]],
     target: torch.Tensor | None = None,
     workspace: Workspace | None = None,
-    sparsity=None,
 ) -> tuple[ClassicCost, Workspace]:
     """J and its gradient for x (m, n_inputs) and the target y (defaults to x).
 
     Returns the cost terms with the gradients, and the workspace to pass to the next call.
     The gradients live in the workspace's buffers: copy them before the next call if you keep them.
 
-    `sparsity(rho_hat) -> (delta (n_hidden,), value)` replaces the KL term: delta is added to
-    delta3 W2 before the sigmoid's derivative (UFLDL's modified delta2 has beta * KL'(rho_hat)
-    there), and value is reported as the sparsity term. Minibatch training passes the KL slope at
-    a running estimate of rho_hat, or beta for an L1 penalty on sigmoid codes (|a2| = a2).
+    `sparsity(rho_hat) -> (delta (n_hidden,), value)` is the penalty on the codes: delta is added
+    to delta3 W2 before the sigmoid's derivative (UFLDL's modified delta2 has beta * KL'(rho_hat)
+    there: `saekit.kinds.penalties.kl_term`), and value is reported as the sparsity term.
+    Minibatch training passes the KL slope at a running estimate of rho_hat, or beta for an L1
+    penalty on sigmoid codes (|a2| = a2).
     """
     y = x if target is None else target
     m, n_hidden = x.shape[0], W1.shape[0]
@@ -146,10 +147,7 @@ def cost_and_grad(
         squared_error = _output_deltas(d3, y, ws)
 
         # Hidden layer: delta3 W2 plus UFLDL's sparsity term, times a2 * (1 - a2).
-        if sparsity is None:
-            delta, sparsity_value = beta * kl_derivative(rho, rho_hat), beta * float(kl_divergence(rho, rho_hat).sum())
-        else:
-            delta, sparsity_value = sparsity(rho_hat)
+        delta, sparsity_value = sparsity(rho_hat)
         matmul(d3, W2, d2).add_(delta)
         torch.ops.aten.sigmoid_backward.grad_input(d2, a2, grad_input=d2)
 
@@ -163,9 +161,15 @@ def cost_and_grad(
 
     reconstruction = 0.5 * squared_error / m
     # (lambda/2)(||W1||^2 + ||W2||^2) as dot products of the flat weights: no temporary arrays.
-    decay = 0.5 * lambda_ * sum(float(torch.dot(w.reshape(-1), w.reshape(-1))) for w in (W1, W2.t())) if lambda_ else 0.0
+    decay = (
+        0.5 * lambda_ * sum(float(torch.dot(w.reshape(-1), w.reshape(-1))) for w in (W1, W2.t())) if lambda_ else 0.0
+    )
     result = ClassicCost(
-        reconstruction + decay + sparsity_value, reconstruction, decay, sparsity_value, rho_hat,
+        reconstruction + decay + sparsity_value,
+        reconstruction,
+        decay,
+        sparsity_value,
+        rho_hat,
         (grad_W1, grad_b1, grad_W2, grad_b2),
     )
     return result, ws

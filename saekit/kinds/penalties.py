@@ -1,9 +1,12 @@
-"""Sparsity penalties and weight decay: the terms added to the reconstruction error.
+"""The penalties kinds add to the reconstruction error, and weight decay: shared math, no models.
 
 The classic term is UFLDL's  beta * sum_j KL(rho || rho_hat_j),  where rho_hat_j is hidden
 unit j's mean activation. Everything here works on torch tensors and is differentiable by
-autograd; the closed-form gradient of the classic cost lives in `saekit.classic`.
+autograd; the closed-form gradient of the classic cost lives in `saekit.kernels.classic`.
 """
+
+import functools
+import operator
 
 import torch
 
@@ -32,9 +35,18 @@ def kl_derivative(rho: float, rho_hat: torch.Tensor) -> torch.Tensor:
     return -rho / rho_hat + (1 - rho) / (1 - rho_hat)
 
 
+def kl_term(rho: float, beta: float):
+    """The KL penalty as `saekit.kernels.classic` takes it: rho_hat -> (beta KL'(rho_hat) per unit, beta sum_j KL)."""
+
+    def sparsity(rho_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return beta * kl_derivative(rho, rho_hat), beta * float(kl_divergence(rho, rho_hat).sum())
+
+    return sparsity
+
+
 def weight_decay(lambda_: float, *weights: torch.Tensor) -> torch.Tensor:
     """(lambda/2) * sum of squared weights; biases are not passed in, so they carry no decay."""
-    return 0.5 * lambda_ * sum((w * w).sum() for w in weights)
+    return 0.5 * lambda_ * functools.reduce(operator.add, [(w * w).sum() for w in weights])
 
 
 class RunningRhoHat:
@@ -75,24 +87,24 @@ class RunningRhoHat:
             self.rho_hat.mul_(self.momentum).add_(global_mean, alpha=1 - self.momentum)
 
     @torch.no_grad()
-    def slope_and_value(self, rho: float, beta: float) -> tuple[torch.Tensor, float]:
+    def slope_and_value(self, rho: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """beta * KL'(rho || rho_hat_run) per unit, and the reported penalty beta * sum_j KL(rho || rho_hat_run)."""
-        return beta * kl_derivative(rho, self.rho_hat), float(beta * kl_divergence(rho, self.rho_hat).sum())
+        assert self.rho_hat is not None, "observe a batch first"
+        return beta * kl_derivative(rho, self.rho_hat), beta * kl_divergence(rho, self.rho_hat).sum()
 
-    def penalty(self, h: torch.Tensor, rho: float, beta: float, reduce=None) -> tuple[torch.Tensor, float]:
-        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value)."""
+    def penalty(self, h: torch.Tensor, rho: float, beta: float, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (batch, n_hidden) activations. Returns (surrogate to differentiate, reported value, 0-d)."""
         self.observe(h.detach().sum(0), h.shape[0], reduce)
         slope, reported = self.slope_and_value(rho, beta)
         return (slope * h.mean(0)).sum(), reported
 
 
-def contractive(h: torch.Tensor, W1: torch.Tensor, activation: str) -> torch.Tensor:
-    """mean_i ||dh_i/dx_i||_F^2 in closed form: (batch, n_hidden) codes, W1 (n_hidden, n_inputs).
+def contractive(slope: torch.Tensor, W1: torch.Tensor) -> torch.Tensor:
+    """mean_i ||dh_i/dx_i||_F^2 in closed form: slope = f'(z) (batch, n_hidden), W1 (n_hidden, n_inputs).
 
-    h_j = f(w_j . x + b_j), so dh_j/dx = f'(z_j) w_j and ||dh/dx||_F^2 = sum_j f'(z_j)^2 ||w_j||^2,
-    with f' = h(1 - h) for a sigmoid and the step 1[h > 0] for a ReLU.
+    h_j = f(w_j . x + b_j), so dh_j/dx = f'(z_j) w_j and ||dh/dx||_F^2 = sum_j f'(z_j)^2 ||w_j||^2;
+    f' is h(1 - h) for a sigmoid and the step 1[h > 0] for a ReLU (each kind passes its own).
     """
-    slope = h * (1 - h) if activation == "sigmoid" else (h > 0).to(h.dtype)
     return (slope.pow(2) @ W1.pow(2).sum(1)).mean()
 
 

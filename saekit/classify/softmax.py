@@ -18,7 +18,7 @@ stackedAECost does: decaying the encoders' W1 too (`decay_encoders`) at UFLDL's 
 pulls them far from their pre-trained values, because the NLL (about 0.1-0.4) is small beside
 ||W1||^2. On MNIST 784-200-200-10 that took test accuracy from 92.1% to 91.4% instead of up.
 
-Both are trained full-batch with L-BFGS (`saekit.training.train_lbfgs`, UFLDL's minFunc) or with
+Both are trained full-batch with L-BFGS (`saekit.train.train_lbfgs`, UFLDL's minFunc) or with
 minibatch Adam (`Solver`). Examples are rows: x (m, n_features) and integer labels y (m,) in
 0..n_classes-1. Ctrl-C stops training, keeps the last accepted parameters and re-raises
 KeyboardInterrupt, so a pipeline does not go on with a half-trained model.
@@ -26,6 +26,7 @@ KeyboardInterrupt, so a pipeline does not go on with a half-trained model.
 
 import copy
 import time
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .model import SparseAutoencoder
-from .penalties import weight_decay
-from .pictures import confusion_matrix_image, save_png
-from .training import Evaluation, train_lbfgs
+from ..errors import UserError
+from ..kinds import SparseAutoencoder
+from ..kinds.penalties import weight_decay
+from ..train.lbfgs import Evaluated, train_lbfgs
 
 # ----------------------------------------------------------------------------------------
 # Inputs
@@ -64,8 +64,10 @@ def to_labels(y, m: int, n_classes: int, device) -> torch.Tensor:
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise UserError(f"labels must be integers 0..{n_classes - 1}; got dtype {y.dtype}.")
     if y.min() < 0 or y.max() >= n_classes:
-        raise UserError(f"labels must lie in 0..{n_classes - 1}; got {int(y.min())}..{int(y.max())}. "
-                        "Relabel the classes 0..k-1 or raise n_classes.")
+        raise UserError(
+            f"labels must lie in 0..{n_classes - 1}; got {int(y.min())}..{int(y.max())}. "
+            "Relabel the classes 0..k-1 or raise n_classes."
+        )
     return y.to(dtype=torch.int64, device=device)
 
 
@@ -121,20 +123,16 @@ def minimize(params: list[nn.Parameter], cost, x, y, solver: Solver, progress: b
 
 
 def _lbfgs(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
-    not_a_sparse_code = torch.full((1,), float("nan"))  # train_lbfgs reports a mean rho_hat; there is none here
-
-    def objective():
+    def objective() -> Evaluated:
         terms = cost(x, y)
         grads = torch.autograd.grad(terms[0], params)
         J, nll, decay = _floats(terms)
-        return Evaluation(J, nll, decay, 0.0, not_a_sparse_code), grads
+        return Evaluated(J, list(grads), {"cost": J, "nll": nll, "weight_decay": decay})
 
-    # train_lbfgs optimises model.parameters(): a ParameterList of these tensors has just them.
-    history, interrupted = train_lbfgs(nn.ParameterList(params), objective, solver.max_iter, solver.memory, progress)
+    history, interrupted = train_lbfgs(params, objective, solver.max_iter, solver.memory, progress)
     if interrupted:
         raise KeyboardInterrupt
-    # train_lbfgs names the data term "reconstruction"; for a classifier it is the NLL.
-    return [_row(r["step"], r["cost"], r["reconstruction"], r["weight_decay"], r["seconds"]) for r in history]
+    return history
 
 
 def _adam(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
@@ -150,7 +148,8 @@ def _adam(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
                 terms[0].backward()
                 optimizer.step()
                 totals += np.array(_floats(terms)) * len(rows)
-            history.append(_row(epoch, *(totals / m).tolist(), round(time.perf_counter() - started, 3)))
+            J, nll, decay = (totals / m).tolist()
+            history.append(_row(epoch, J, nll, decay, round(time.perf_counter() - started, 3)))
             bar.update(1)
             bar.set_postfix(cost=f"{history[-1]['cost']:.6g}", refresh=False)
     return history
@@ -163,8 +162,15 @@ def _adam(params, cost, x, y, solver: Solver, progress: bool) -> list[dict]:
 class SoftmaxRegression(nn.Module):
     """Softmax regression: logits = x theta^T + b, theta (n_classes, n_features), b (n_classes,)."""
 
-    def __init__(self, n_features: int, n_classes: int, weight_decay: float = 1e-4,
-                 dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0):
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        weight_decay: float = 1e-4,
+        dtype: torch.dtype = torch.float64,
+        device="cpu",
+        seed: int = 0,
+    ):
         super().__init__()
         if n_features < 1 or n_classes < 2:
             raise UserError(f"a softmax needs n_features >= 1 and n_classes >= 2 (got {n_features}, {n_classes}).")
@@ -200,11 +206,6 @@ class SoftmaxRegression(nn.Module):
         return self(x).argmax(1).cpu().numpy()
 
 
-def encoder_features(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """An autoencoder's dense codes of x: (batch, n_inputs) -> (batch, n_hidden); its decoder is not used."""
-    return sae.dense_codes(sae.sparsify(sae.encode(x)))
-
-
 class FeatureClassifier(nn.Module):
     """Encoders in order, then a softmax on the last one's codes: x (batch, n_inputs) -> logits.
 
@@ -221,21 +222,28 @@ class FeatureClassifier(nn.Module):
             raise UserError("a FeatureClassifier needs at least one trained autoencoder.")
         for i, (lower, upper) in enumerate(zip(encoders, encoders[1:])):
             if upper.n_inputs != lower.n_hidden:
-                raise UserError(f"autoencoder {i + 1} takes {upper.n_inputs} inputs but autoencoder {i} has "
-                                f"{lower.n_hidden} hidden units; each layer must be trained on the previous one's features.")
+                raise UserError(
+                    f"autoencoder {i + 1} takes {upper.n_inputs} inputs but autoencoder {i} has "
+                    f"{lower.n_hidden} hidden units; each layer must be trained on the previous one's features."
+                )
         self.encoders = nn.ModuleList(copy.deepcopy(sae) for sae in encoders)
-        for sae in self.encoders:
+        for sae in self.autoencoders:
             sae.W2.requires_grad_(False)
-            sae.b2.requires_grad_(sae.pre_bias)
+            sae.b2.requires_grad_(sae.cfg.pre_bias)
         W1 = encoders[0].W1
         self.softmax = SoftmaxRegression(encoders[-1].n_hidden, n_classes, weight_decay, W1.dtype, W1.device, seed)
         self.n_inputs, self.n_classes = encoders[0].n_inputs, n_classes
         self.train(False)
 
+    @property
+    def autoencoders(self) -> list[SparseAutoencoder]:
+        """The (copied) autoencoders whose encoders run, input side first."""
+        return [typing.cast(SparseAutoencoder, sae) for sae in self.encoders]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last encoder's codes: (batch, n_inputs) -> (batch, n_hidden of the last)."""
-        for sae in self.encoders:
-            x = encoder_features(sae, x)
+        for sae in self.autoencoders:
+            x = sae.features(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,9 +251,10 @@ class FeatureClassifier(nn.Module):
         return self.softmax(self.features(x))
 
     def cost(self, x: torch.Tensor, y: torch.Tensor, lambda_: float, decay_encoders: bool = True):
-        """Fine-tuning's (J, nll, weight decay): (lambda/2) ||theta||^2, plus every encoder's ||W1||^2 with decay_encoders."""
+        """Fine-tuning's (J, nll, weight decay): (lambda/2) ||theta||^2, plus every encoder's ||W1||^2 with
+        decay_encoders."""
         nll = F.cross_entropy(self(x), y)
-        encoder_weights = [sae.W1 for sae in self.encoders] if decay_encoders else []
+        encoder_weights = [sae.W1 for sae in self.autoencoders] if decay_encoders else []
         decay = weight_decay(lambda_, self.softmax.theta, *encoder_weights)
         return nll + decay, nll, decay
 
@@ -253,17 +262,27 @@ class FeatureClassifier(nn.Module):
         x = to_rows(x, self.softmax.theta.dtype, self.softmax.theta.device, self.n_inputs)
         return x, to_labels(y, x.shape[0], self.n_classes, x.device)
 
-    def fit(self, x, y, fine_tune: bool = False, softmax_solver: Solver = Solver(max_iter=100),
-            fine_tune_solver: Solver = Solver(max_iter=400), fine_tune_lambda: float = 1e-4,
-            progress: bool = False, *, decay_encoders: bool = True) -> dict:
+    def fit(
+        self,
+        x,
+        y,
+        fine_tune: bool = False,
+        softmax_solver: Solver = Solver(max_iter=100),
+        fine_tune_solver: Solver = Solver(max_iter=400),
+        fine_tune_lambda: float = 1e-4,
+        progress: bool = False,
+        *,
+        decay_encoders: bool = True,
+    ) -> dict:
         """Train the softmax on the frozen features, then (if fine_tune) the whole network.
 
         Returns {"softmax": history, "fine_tune": history or None}.
         """
         history = {"softmax": self.fit_softmax(x, y, softmax_solver, progress), "fine_tune": None}
         if fine_tune:
-            history["fine_tune"] = self.fine_tune(x, y, fine_tune_solver, fine_tune_lambda, progress,
-                                                  decay_encoders=decay_encoders)
+            history["fine_tune"] = self.fine_tune(
+                x, y, fine_tune_solver, fine_tune_lambda, progress, decay_encoders=decay_encoders
+            )
         return history
 
     def fit_softmax(self, x, y, solver: Solver = Solver(max_iter=100), progress: bool = False) -> list[dict]:
@@ -273,8 +292,16 @@ class FeatureClassifier(nn.Module):
             features = self.features(x)
         return self.softmax.fit(features, y, solver, progress)
 
-    def fine_tune(self, x, y, solver: Solver = Solver(max_iter=400), lambda_: float = 1e-4,
-                  progress: bool = False, *, decay_encoders: bool = True) -> list[dict]:
+    def fine_tune(
+        self,
+        x,
+        y,
+        solver: Solver = Solver(max_iter=400),
+        lambda_: float = 1e-4,
+        progress: bool = False,
+        *,
+        decay_encoders: bool = True,
+    ) -> list[dict]:
         """Back-propagate through the whole network, with weight decay lambda_ on theta and the encoders' W1.
 
         UFLDL's stackedAECost decays theta only (decay_encoders=False, lambda_ 3e-3). On MNIST
@@ -284,8 +311,9 @@ class FeatureClassifier(nn.Module):
         if not lambda_ >= 0:
             raise UserError(f"fine-tuning weight decay must be >= 0 (got {lambda_}).")
         x, y = self._data(x, y)
-        return minimize(trainable(self), lambda xb, yb: self.cost(xb, yb, lambda_, decay_encoders), x, y, solver,
-                        progress)
+        return minimize(
+            trainable(self), lambda xb, yb: self.cost(xb, yb, lambda_, decay_encoders), x, y, solver, progress
+        )
 
     @torch.no_grad()
     def predict(self, x) -> np.ndarray:
@@ -326,8 +354,3 @@ def evaluate_classifier(model, x, y, class_names=None) -> dict:
         "confusion_matrix": cm,
         "class_names": names,
     }
-
-
-def save_confusion_png(result: dict, path, title: str = "Confusion matrix"):
-    """Draw evaluate_classifier's confusion matrix and write it as a PNG (atomically). Returns the path."""
-    return save_png(confusion_matrix_image(result["confusion_matrix"], result["class_names"], title), path)

@@ -2,24 +2,32 @@
 
 Image pictures are drawn only when examples are images (image_shape is not None):
 
-    features.png, features_before.png, features_updates.png   encoder rows W1[j] as images (after, before, after - before)
-    decoder.png, decoder_before.png, decoder_updates.png      decoder columns W2[:, j]: what unit j writes
-    inputs.png                                                the first training examples
-    reconstructions.png, reconstructions_before.png           inputs beside reconstructions, after and before training
-    denoised.png                                              denoising runs: corrupted input, its reconstruction, clean input
-    cost.png                                                  the cost and its terms per step
-    density.png                                               feature density (minibatch runs)
+    features.png, features_before.png, features_updates.png  encoder rows W1[j] as images: after, before, after - before
+    decoder.png, decoder_before.png, decoder_updates.png     decoder columns W2[:, j]: what unit j writes
+    inputs.png                                               the first training examples
+    reconstructions.png, reconstructions_before.png          inputs beside reconstructions, after and before training
+    denoised.png                                             denoising: corrupted input, reconstruction, clean input
+    cost.png                                                 the cost and its terms per step
+    density.png                                              feature density (minibatch runs)
+    confusion.png, confusion_fine_tuned.png                  classifiers: confusion matrices
 
 The before/after/updates pictures are the ones seed 003's lecture draws for its L1 autoencoder.
 """
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import numpy as np
-
-from .pictures import histogram_chart, line_chart, save_filters, save_images, save_png, save_side_by_side
+from .pictures import (
+    confusion_matrix_image,
+    histogram_chart,
+    line_chart,
+    save_filters,
+    save_images,
+    save_png,
+    save_side_by_side,
+)
 
 N_SHOWN = 100  # examples drawn in the input and reconstruction pictures
 MAX_FILTERS = 400  # hidden units drawn in the weight pictures
@@ -44,8 +52,9 @@ def _weight_pictures(run_dir: Path, model, initial, image_shape) -> list[Path]:
 
 
 @torch.no_grad()
-def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None,
-                   corrupt=None) -> list[Path]:
+def write_pictures(
+    run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None, corrupt=None
+) -> list[Path]:
     """Write the run's pictures (see the module docstring); `initial` is the model before training, if
     known; `corrupt` (rows -> corrupted rows) is a denoising run's corruption."""
     run_dir = Path(run_dir)
@@ -57,17 +66,23 @@ def write_pictures(run_dir, model, x: torch.Tensor, history: list[dict], image_s
         for name, m in (("reconstructions", model), ("reconstructions_before", initial)):
             if m is not None:
                 pairs = shown[:50]
-                written.append(save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png",
-                                                 image_shape=image_shape))
+                written.append(
+                    save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png", image_shape=image_shape)
+                )
         if corrupt is not None:
             clean = shown[:50]
             noisy = corrupt(clean)
-            written.append(save_side_by_side(_np(noisy), _np(model(noisy).x_hat), run_dir / "denoised.png", _np(clean),
-                                             image_shape=image_shape))
+            written.append(
+                save_side_by_side(
+                    _np(noisy), _np(model(noisy).x_hat), run_dir / "denoised.png", _np(clean), image_shape=image_shape
+                )
+            )
     if history:
         steps = [row["step"] for row in history]  # minibatch runs log every cfg.log_every steps
-        series = {k: np.array([steps, [row[k] for row in history]], dtype=np.float64)
-                  for k in ("cost", "reconstruction", "sparsity", "weight_decay")}
+        series = {
+            k: np.array([steps, [row[k] for row in history]], dtype=np.float64)
+            for k in ("cost", "reconstruction", "sparsity", "weight_decay")
+        }
         chart = line_chart(series, title="Cost J and its terms", xlabel="step", ylabel="value (log scale)", log_y=True)
         written.append(save_png(chart, run_dir / "cost.png"))
     return written
@@ -79,3 +94,8 @@ def save_density_png(density: torch.Tensor, path) -> Path:
         log_density = np.log10(density.double().cpu().numpy())
     chart = histogram_chart(log_density, bins=50, title="Feature density", xlabel="log10(firing frequency)")
     return save_png(chart, path)
+
+
+def save_confusion_png(result: dict, path, title: str = "Confusion matrix") -> Path:
+    """Draw evaluate_classifier's confusion matrix and write it as a PNG (atomically). Returns the path."""
+    return save_png(confusion_matrix_image(result["confusion_matrix"], result["class_names"], title), path)

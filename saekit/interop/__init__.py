@@ -1,0 +1,1 @@
+"""Other libraries' checkpoint formats, out and in (`saelens`)."""

@@ -1,0 +1,179 @@
+"""k-sparse encoding and decoding for the TopK family: cost grows with k, not n_hidden.
+
+Encoding. The one dense product z2 = x W1^T + bias is unavoidable; after the selection of k
+codes per row, only the selected entries carry a gradient, so the encoder's backward pass is
+k-sparse too (see `_SparseEncode`).
+
+Decoding.
+
+A TopK autoencoder keeps k of its n_hidden codes per example. Decoding those as a dense matmul,
+x_hat = h W2^T + b2, spends 2·batch·n_hidden·d FLOP on the forward and as much again on each
+gradient, nearly all of it multiplying zeros. Written as a sum over the k kept codes,
+
+    x_hat[b] = sum_j values[b, j] · W_dec_rows[indices[b, j]] + bias,
+
+the forward and both gradients cost batch·k·d:
+
+    grad values[b, j]  = <grad x_hat[b], W_dec_rows[indices[b, j]]>
+    grad W_dec_rows[i] = sum over (b, j) with indices[b, j] = i of values[b, j] · grad x_hat[b]
+
+`torch.nn.functional.embedding_bag(mode="sum", per_sample_weights=...)` is exactly that sum,
+on the CPU and on CUDA, and its own backward computes exactly those two gradients (the atoms'
+gradient dense, (n_hidden, d), non-zero only in the rows that were used). A hand-written
+autograd.Function (gather + batched dot for the values, index_add_ for the atoms) measured 2 to 9
+times slower on the 2-core CPU, its gather materialising a (batch, k, d) tensor, so there is
+none here: `sparse_decode` is embedding_bag with checks. `benchmarks/sparse_decode.py` times
+both against dense decoding.
+
+Codes travel as `SparseCodes`: values (batch, k) and indices (batch, k) int64 into the n_hidden atoms.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from . import blas
+
+
+class SparseCodes(NamedTuple):
+    values: torch.Tensor  # (batch, k) non-negative code values (zeros allowed: padding)
+    indices: torch.Tensor  # (batch, k) int64 hidden-unit index of each value
+
+
+class _SparseEncode(torch.autograd.Function):
+    """Encode, select k codes per row, and back-propagate at a cost proportional to k.
+
+    Forward: z2 = x W1^T + bias (the one dense product), then the selection (TopK or BatchTopK),
+    and optionally the aux_k largest pre-activations of dead units for the AuxK loss. Backward:
+    only the selected z2 entries have a gradient g, so
+
+        dL/dW1[i] = sum over selected (b, j) with index i of g[b, j] * x[b]
+        dL/dbias[i] = sum over selected (b, j) with index i of g[b, j]
+
+    which is the weight gradient of an embedding bag (F.embedding_bag with per-sample weights g,
+    fed x as its output gradient): batch * k * n_inputs work instead of batch * n_hidden * n_inputs.
+    The input's gradient, when asked for, is that bag's forward: sum_j g[b, j] W1[indices[b, j]].
+    """
+
+    @staticmethod
+    def forward(ctx, x, W1, bias, k, select, dead, aux_k):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the one dense product in low precision, the rest in x's dtype
+            low = torch.get_autocast_dtype(device)
+            z2 = torch.addmm(bias.to(low), x.to(low), W1.t().to(low)).to(x.dtype)
+        else:
+            z2 = blas.matmul(x, W1.t(), torch.empty(x.shape[0], W1.shape[0], dtype=x.dtype, device=x.device))
+            z2.add_(bias)
+        values, indices = select(z2) if select is not None else z2.topk(k, dim=1, sorted=False)
+        values = values.relu()
+        aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
+        if dead is not None and aux_k > 0:
+            n_dead = int(dead.sum())
+            if n_dead > 0:
+                aux_values, aux_indices = z2.masked_fill_(~dead, -torch.inf).topk(
+                    min(aux_k, n_dead), dim=1, sorted=False
+                )
+                aux_values = aux_values.relu()
+        ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _, grad_aux, __):
+        x, W1, indices, active = ctx.saved_tensors
+        g = torch.cat([grad_values, grad_aux], 1) * active
+        grad_bias = torch.zeros(W1.shape[0], dtype=g.dtype, device=g.device).index_add_(
+            0, indices.reshape(-1), g.reshape(-1)
+        )
+        with torch.enable_grad():
+            W = W1.detach().requires_grad_()
+            bag = F.embedding_bag(indices, W, per_sample_weights=g, mode="sum")
+            (grad_W1,) = torch.autograd.grad(bag, W, grad_outputs=x)
+        # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: the same bag, forward (needed only for attribution).
+        grad_x = F.embedding_bag(indices, W1, per_sample_weights=g, mode="sum") if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W1, grad_bias, None, None, None, None
+
+
+def sparse_encode(x, W1, bias, k: int, select=None, dead=None, aux_k: int = 0):
+    """(SparseCodes of the selected codes, SparseCodes of the AuxK codes or None). See _SparseEncode."""
+    values, indices, aux_values, aux_indices = _SparseEncode.apply(x, W1, bias, k, select, dead, aux_k)
+    aux = SparseCodes(aux_values, aux_indices) if aux_values.shape[1] else None
+    return SparseCodes(values, indices), aux
+
+
+def topk_codes(pre_acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK sparsify: the k largest pre-activations per row, through a ReLU.
+
+    pre_acts (batch, n_hidden) -> values (batch, k) >= 0, indices (batch, k) int64, in no
+    particular order within a row. Gradients flow from values back to the chosen pre_acts.
+    The ReLU matters when fewer than k pre-activations are positive: those codes become 0
+    (still listed in indices, contributing nothing).
+    """
+    if pre_acts.ndim != 2:
+        raise UserError(f"pre_acts must be (batch, n_hidden), got shape {tuple(pre_acts.shape)}.")
+    if not 1 <= k <= pre_acts.shape[1]:
+        raise UserError(f"k must be between 1 and n_hidden = {pre_acts.shape[1]} (got {k}).")
+    # sorted=False: order within a row is irrelevant to the sum that decodes it.
+    values, indices = pre_acts.topk(k, dim=1, sorted=False)
+    return torch.relu(values), indices
+
+
+def dense_codes(values: torch.Tensor, indices: torch.Tensor, n_hidden: int) -> torch.Tensor:
+    """Scatter k-sparse codes into dense ones, (batch, k) pair -> (batch, n_hidden).
+
+    Repeated indices within a row add up, so `dense_codes(v, i, n) @ W_dec_rows` equals
+    `sparse_decode(v, i, W_dec_rows)` for any indices. Differentiable with respect to values.
+    """
+    _check_codes(values, indices)
+    if n_hidden < 1:
+        raise UserError(f"n_hidden must be at least 1 (got {n_hidden}).")
+    dense = values.new_zeros(values.shape[0], n_hidden)
+    return dense.scatter_add(1, indices, values)
+
+
+def sparse_decode(
+    values: torch.Tensor, indices: torch.Tensor, W_dec_rows: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x_hat (batch, d) = sum_j values[:, j] · W_dec_rows[indices[:, j]] (+ bias (d,)).
+
+    values (batch, k) floating, indices (batch, k) int64, W_dec_rows (n_hidden, d) contiguous,
+    one atom per row (in saekit's model that is `model.W2.t()`). Differentiable with respect
+    to values, W_dec_rows and bias, all at k-sparse cost. Indices outside [0, n_hidden) are
+    caught by torch itself (RuntimeError on the CPU, a device assert on CUDA); checking them
+    here would cost a device synchronisation every step.
+    """
+    _check_codes(values, indices)
+    if W_dec_rows.ndim != 2:
+        raise UserError(f"W_dec_rows must be (n_hidden, d), got shape {tuple(W_dec_rows.shape)}.")
+    if values.dtype != W_dec_rows.dtype or values.device != W_dec_rows.device:
+        raise UserError(
+            f"values ({values.dtype}, {values.device}) and W_dec_rows ({W_dec_rows.dtype}, "
+            f"{W_dec_rows.device}) must share dtype and device; convert values with "
+            f".to(W_dec_rows)."
+        )
+    if not W_dec_rows.is_contiguous():
+        # A strided view decodes several times slower (measured); refuse rather than crawl.
+        raise UserError(
+            "W_dec_rows must be contiguous, one atom per row in memory: pass model.W2.t() "
+            "of a saekit model, or W.t().contiguous() for a (d, n_hidden) decoder W."
+        )
+    x_hat = F.embedding_bag(indices, W_dec_rows, per_sample_weights=values, mode="sum")
+    if bias is None:
+        return x_hat
+    if bias.shape != (W_dec_rows.shape[1],):
+        raise UserError(f"bias must have shape (d,) = ({W_dec_rows.shape[1]},), got {tuple(bias.shape)}.")
+    return x_hat + bias
+
+
+def _check_codes(values: torch.Tensor, indices: torch.Tensor) -> None:
+    if values.ndim != 2 or values.shape != indices.shape or values.shape[1] < 1:
+        raise UserError(
+            f"values and indices must both be (batch, k) with k >= 1, got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}."
+        )
+    if indices.dtype != torch.int64:
+        raise UserError(f"indices must be int64 (as torch.topk returns), got {indices.dtype}.")
+    if not values.is_floating_point():
+        raise UserError(f"values must be floating point, got {values.dtype}.")

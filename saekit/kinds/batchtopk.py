@@ -1,0 +1,118 @@
+"""BatchTopK dictionaries (Bussmann et al. 2024): the batch shares a budget of k codes per example.
+
+In training, the k * batch largest pre-activations of the whole batch are kept, so an example
+may use more or fewer than k codes; the loss is TopK's (reconstruction + AuxK). For inference a
+running mean of the smallest kept value becomes one threshold for every unit, and the
+dictionary acts as a JumpReLU with that threshold: codes no longer depend on the batch. That is
+also how it is saved for SAELens (a "jumprelu" SAE whose thresholds are all that value).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..kernels.sparse import SparseCodes
+from .base import Output, SparseAutoencoder
+from .topk import TopK, TopKConfig
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    kind: ClassVar[str] = "batchtopk"
+
+
+class BatchTopK(TopK):
+    Config = BatchTopKConfig
+    batch_topk: "BatchSelection"
+
+    def add_kind_modules(self, dtype, device) -> None:
+        self.batch_topk = BatchSelection(self.cfg.k, dtype=dtype, device=device)
+
+    def selection(self):
+        return self.batch_topk
+
+    def sparsify(self, z2: torch.Tensor):
+        """Training: SparseCodes of the batch's selection; inference: dense codes z2 * (z2 > threshold)."""
+        return SparseCodes(*self.batch_topk(z2)) if self.training else self.batch_topk(z2)
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
+    ) -> Output:
+        if self.training:
+            return super().forward(x, target, dead=dead)  # the fused k-sparse encoder, AuxK
+        return SparseAutoencoder.forward(self, x, target, dead=dead)  # the threshold: dense codes
+
+    saelens_architecture = "jumprelu"
+
+    def saelens_fields(self) -> dict:
+        return {}
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.batch_topk.threshold.to(self.W1.dtype).expand(self.n_hidden)}
+
+    @classmethod
+    def from_saelens(cls, cfg: dict, tensors: dict, where: str) -> dict | None:
+        """A "jumprelu" SAE that saekit exported from a batchtopk dictionary (its metadata says so)."""
+        metadata = cfg.get("metadata")
+        saekit = metadata.get("saekit_architecture") if isinstance(metadata, dict) else None
+        if cfg.get("architecture") != "jumprelu" or not isinstance(saekit, dict):
+            return None
+        threshold = tensors.get("threshold")
+        one_threshold = threshold is not None and threshold.ndim == 1 and bool((threshold == threshold[0]).all())
+        k = saekit.get("k")
+        if saekit.get("kind", saekit.get("activation")) != "batchtopk" or not one_threshold or type(k) is not int:
+            return None
+        return {"k": k}
+
+    def load_saelens_tensors(self, tensors: dict) -> None:
+        with torch.no_grad():
+            self.batch_topk.threshold.copy_(tensors["threshold"][0])
+
+
+class BatchSelection(nn.Module):
+    """Keep the k * batch largest pre-activations of the batch (in training); a threshold in inference.
+
+    With several processes the batch is the global one: the threshold is found among every
+    process's candidates, so 2 processes select exactly what 1 process would on their union.
+    """
+
+    def __init__(self, k: int, momentum: float = 0.99, dtype: torch.dtype = torch.float32, device="cpu"):
+        super().__init__()
+        self.k, self.momentum = k, momentum
+        self.threshold: torch.Tensor
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=dtype, device=device))  # -1: not estimated yet
+
+    def _batch_threshold(self, candidates: torch.Tensor, n_keep: int) -> torch.Tensor:
+        flat = distributed.all_gather_cat(candidates.reshape(-1))
+        return flat.topk(min(n_keep, flat.numel()), sorted=False).values.min()
+
+    def forward(self, z2: torch.Tensor):
+        """Training: (values, indices) of the kept codes, zero-padded to the widest row.
+        Inference: dense codes z2 * (z2 > threshold)."""
+        if not self.training:
+            keep = z2 > self.threshold.clamp_min(0)
+            return z2 * keep
+        batch, n_hidden = z2.shape
+        n_keep = self.k * batch * distributed.world_size()
+        # Each row's top `width` candidates hold every kept value unless a row is "full" (all its
+        # candidates kept): then it may hold more, and we widen. Rarely needed beyond 4k.
+        width = min(4 * self.k, n_hidden)
+        while True:
+            values, indices = z2.topk(width, dim=1, sorted=True)
+            threshold = self._batch_threshold(values, n_keep)
+            full = bool((values[:, -1] >= threshold).any()) and width < n_hidden
+            if not distributed.any_true(full):
+                break
+            width = min(2 * width, n_hidden)
+        keep = (values >= threshold) & (values > 0)
+        used = distributed.max_int(max(1, int(keep.sum(1).max())))  # at least one (zero) code per row
+        values, indices, keep = values[:, :used], indices[:, :used], keep[:, :used]
+        with torch.no_grad():
+            smallest = threshold.clamp_min(0).to(self.threshold.dtype)
+            self.threshold.copy_(
+                smallest if self.threshold < 0 else self.momentum * self.threshold + (1 - self.momentum) * smallest
+            )
+        return values * keep, indices

@@ -1,0 +1,113 @@
+"""TopK dictionaries (Gao et al. 2024): each example keeps its k largest pre-activations.
+
+    h = relu(the k largest of z2 in each row), as SparseCodes (values and indices, k per row)
+    loss = reconstruction + aux_coefficient * AuxK
+
+No penalty is needed: k bounds the number of active units. Units that have not fired for a
+while ("dead", `dead_after` examples) are revived by AuxK: the aux_k largest pre-activations
+among dead units try to rebuild the residual y - x_hat, normalised by the residual's variance.
+
+Only the encoder's forward product is dense: the selection's backward pass and the decoding are
+k-sparse (`saekit.kernels.sparse`), so a step costs little beyond that one product.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from .. import distributed
+from ..errors import UserError
+from ..kernels.sparse import SparseCodes, sparse_decode, sparse_encode
+from .base import ModelConfig, Output, SparseAutoencoder
+
+
+@dataclass
+class TopKConfig(ModelConfig):
+    kind: ClassVar[str] = "topk"
+    minibatch_only: ClassVar[bool] = True
+
+    n_hidden: int = 512
+    """Number of hidden units: the size of the sparse code, the dictionary's width."""
+    penalty: Literal["none"] = "none"
+    """'none': k bounds the number of active units, no penalty is needed."""
+    k: int = 32
+    """Codes kept per example (on average over the batch for batchtopk)."""
+    aux_k: int = 0
+    """AuxK loss: reconstruct the residual from this many dead units (0: off)."""
+    aux_coefficient: float = 0.03125
+    """Weight of the AuxK loss."""
+
+    def problems(self) -> list[str]:
+        problems = (
+            super().problems()
+            + self.at_least(1, "k")
+            + self.at_least(0, "aux_k", "aux_coefficient")
+            + self.finite("aux_coefficient")
+        )
+        if self.k > self.n_hidden:
+            problems.append(f"--k must lie between 1 and --n-hidden = {self.n_hidden} (got {self.k})")
+        return problems
+
+
+class TopK(SparseAutoencoder):
+    Config = TopKConfig
+    cfg: TopKConfig
+
+    def sparsify(self, z2: torch.Tensor) -> SparseCodes:
+        values, indices = z2.topk(self.cfg.k, dim=1, sorted=False)
+        return SparseCodes(values.relu(), indices)
+
+    def selection(self):
+        """How the fused encoder selects codes from z2 in this mode: None for each row's k largest."""
+        return None
+
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
+    ) -> Output:
+        cfg = self.cfg
+        h, aux = sparse_encode(x, self.W1, self.encoder_bias(), cfg.k, self.selection(), dead, cfg.aux_k)
+        x_hat = self.decode(h)
+        error = self.error(x_hat, x, target)
+        auxiliary = None if aux is None else cfg.aux_coefficient * auxk_loss(error.detach(), aux, self.W2)
+        return self.output(x_hat, h, error, auxiliary=auxiliary)
+
+    def kind_summary(self) -> str:
+        aux = f", aux_k={self.cfg.aux_k}" if self.cfg.aux_k else ""
+        return f"{self.cfg.kind}, k={self.cfg.k}{aux}"
+
+    saelens_architecture = "topk"
+
+    def saelens_fields(self) -> dict:
+        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def from_saelens(cls, cfg: dict, tensors: dict, where: str) -> dict | None:
+        architecture = cfg.get("architecture", "standard")
+        activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        if architecture != "topk" and (architecture, activation_fn) != ("standard", "topk"):
+            return None
+        kwargs = cfg.get("activation_fn_kwargs")
+        k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+        if type(k) is not int or k < 1:
+            raise UserError(f"{where}: k must be a whole number >= 1 (got {k!r}).")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            # SAELens selects on hidden_pre * ||W_dec row|| and decodes codes / ||W_dec row||: fold both in.
+            norms = tensors["W_dec"].norm(dim=1)
+            tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
+            tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+        return {"k": k}
+
+
+def auxk_loss(residual: torch.Tensor, aux: SparseCodes, W2: torch.Tensor) -> torch.Tensor:
+    """AuxK: how well the dead units' codes rebuild the residual e = y - x_hat, normalised by e's variance.
+
+    residual is x_hat - y (batch, n_inputs), detached. The variance is the global batch's, so
+    several processes compute the same loss as one.
+    """
+    e = -residual  # y - x_hat
+    e_hat = sparse_decode(aux.values.to(W2.dtype), aux.indices, W2.t())
+    total = distributed.all_reduce_sum(torch.cat([e.sum(0), e.new_tensor([e.shape[0]])]))
+    variance = distributed.all_reduce_sum((e - total[:-1] / total[-1]).pow(2).sum())
+    # Gradients are averaged over processes, so each one weighs its part by the process count.
+    return distributed.world_size() * (e_hat - e).pow(2).sum() / variance.clamp_min(1e-30)

@@ -1,0 +1,53 @@
+"""What long training shows and how it stops: a progress bar, and Ctrl-C or SIGTERM at a step boundary."""
+
+import signal
+import threading
+
+from tqdm.auto import tqdm
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and preemptible machines send
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    return tqdm(total=total, desc=desc, unit="it", disable=not show, dynamic_ncols=True, mininterval=0.5)
+
+
+class StepBoundaryStop:
+    """Within this block, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step
+    (`requested` turns True) instead of breaking it in the middle, so the saved state is always
+    that of a whole step. A second signal raises KeyboardInterrupt at once.
+
+    Outside the main thread, signal handlers cannot be set; Ctrl-C then raises as usual.
+    """
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+class TermAsInterrupt:
+    """Within this block SIGTERM raises KeyboardInterrupt, as Ctrl-C does (for loops that stop that way)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False

@@ -1,0 +1,118 @@
+"""Full-batch L-BFGS, as UFLDL's minFunc: any objective that returns its value and gradient.
+
+An objective is a function of no arguments that evaluates J at the parameters' current values
+and returns an `Evaluated`: the cost, the gradient of each parameter, and the numbers the
+history records at that point (the cost's terms, rho_hat, ...). The autoencoder's objective is
+`autoencoder_objective`; the classifiers (`saekit.classify`) bring their own.
+
+Parameters are float64 for the optimizer whatever the model's dtype; J and its gradient are
+computed in the model's dtype. Ctrl-C (or SIGTERM) stops between iterations: the parameters keep
+the last accepted point and the caller is told it was interrupted.
+"""
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import scipy.optimize
+import torch
+from torch import nn
+
+from .control import TermAsInterrupt, progress_bar
+
+
+class Evaluated(NamedTuple):
+    cost: float  # J at the current parameters
+    grads: list[torch.Tensor]  # dJ/dp for each parameter, in order
+    row: dict[str, float]  # what the history records at this point (cost included)
+
+
+Objective = Callable[[], Evaluated]
+
+
+def autoencoder_objective(model, x: torch.Tensor, target: torch.Tensor | None = None) -> Objective:
+    """J of a sparse autoencoder over the whole of x (m, n_inputs), against target (default x).
+
+    The model is evaluated in evaluation mode: its loss is then a fixed function of x (the
+    sigmoid kind's rho_hat is exact over x), which the line searches need.
+    """
+    params = list(model.parameters())
+
+    def objective() -> Evaluated:
+        model.eval()
+        out = model.compute_gradients(x, target)
+        reconstruction, sparsity, _, decay = out.terms.numbers()
+        cost = out.terms.total
+        row = {
+            "cost": cost,
+            "reconstruction": reconstruction,
+            "weight_decay": decay,
+            "sparsity": sparsity,
+            "rho_hat_mean": float(model.dense_codes(out.codes).detach().mean(0).mean()),
+        }
+        return Evaluated(cost, [p.grad for p in params], row)
+
+    return objective
+
+
+def _flatten(tensors) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).double().cpu().numpy()
+
+
+@torch.no_grad()
+def _assign(params, theta: np.ndarray) -> None:
+    offset = 0
+    for p in params:
+        p.copy_(torch.from_numpy(theta[offset : offset + p.numel()]).view(p.shape))
+        offset += p.numel()
+
+
+def train_lbfgs(
+    params: list[nn.Parameter], objective: Objective, max_iter: int, memory: int = 100, progress: bool = True
+) -> tuple[list[dict], bool]:
+    """Minimise the objective over params with SciPy's L-BFGS-B. Returns (history, interrupted).
+
+    The history has one row per iteration, measured at the accepted point: the objective's row
+    with the step and the seconds since the start.
+    """
+    params = list(params)
+    last: dict = {}  # the latest evaluation, to read the row at each accepted point
+    history: list[dict] = []
+    started = time.perf_counter()
+
+    def fun(theta):
+        _assign(params, theta)
+        evaluated = objective()
+        last.update(theta=theta.copy(), evaluated=evaluated)
+        return evaluated.cost, _flatten(evaluated.grads)
+
+    def callback(intermediate_result):
+        x = intermediate_result.x
+        if not np.array_equal(x, last["theta"]):
+            fun(x)  # rare: the accepted point was not the last one evaluated
+        accepted["theta"] = x.copy()
+        row = {"step": len(history) + 1, **last["evaluated"].row, "seconds": round(time.perf_counter() - started, 3)}
+        history.append(row)
+        bar.update(1)
+        shown = {"cost": f"{row['cost']:.6g}"}
+        if "rho_hat_mean" in row:
+            shown["rho_hat"] = f"{row['rho_hat_mean']:.4f}"
+        bar.set_postfix(shown, refresh=False)
+
+    accepted = {"theta": _flatten(params)}
+    interrupted = False
+    with progress_bar(max_iter, "L-BFGS", progress) as bar, TermAsInterrupt():
+        try:
+            scipy.optimize.minimize(
+                fun,
+                accepted["theta"],
+                jac=True,
+                method="L-BFGS-B",
+                callback=callback,
+                options={"maxiter": max_iter, "maxcor": memory, "ftol": 0.0, "gtol": 1e-10, "maxfun": 4 * max_iter},
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+    _assign(params, accepted["theta"])
+    return history, interrupted

@@ -1,0 +1,210 @@
+"""Minibatch training (Adam or SGD) on a stream of vectors, for every kind of sparse autoencoder.
+
+One step: take the next batch (this process's slice of the global batch under torchrun),
+corrupt it for a denoising autoencoder, let the model compute its loss terms and their gradient
+(`SparseAutoencoder.compute_gradients`: the kind's closed form or autograd), average the
+gradients across processes, keep the decoder's columns at unit norm if asked, step, and update
+the dead-unit counters. The trainer sums the terms and never asks which kind it trains.
+
+Everything needed to continue exactly where it stopped is in `state_dict()`: the step, the
+optimizer's moments, the stream's position, the dead-unit counters, the kind's own training
+statistics and the input scale, so an interrupted run resumed gives the same weights as an
+uninterrupted one. Ctrl-C or SIGTERM stops at the end of the current step.
+"""
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import distributed
+from ..data import Corruption
+from ..data.vectors import VectorStream, geometric_median, mean_and_mean_squared_norm
+from ..kernels.sparse import SparseCodes
+from ..kinds import SparseAutoencoder
+from .config import AUTOCAST, OptimConfig
+from .control import StepBoundaryStop, progress_bar
+
+STATISTICS_ROWS = 65536  # rows read to estimate the input scale and the mean
+# Per-batch sums kept for the history: the loss terms, then squared error, variance, active codes.
+SUMS = ("cost", "reconstruction", "sparsity", "aux", "weight_decay", "squared_error", "variance", "active")
+
+
+class Minibatch:
+    def __init__(
+        self,
+        model: SparseAutoencoder,
+        source,
+        optim: OptimConfig,
+        *,
+        seed: int = 0,
+        corruption: Corruption | None = None,
+        state: dict | None = None,
+        history: list | None = None,
+    ):
+        self.model, self.optim, self.seed, self.corruption = model, optim, seed, corruption
+        self.history = [] if history is None else history  # rows of history.csv; run() appends
+        params = list(model.parameters())
+        self.optimizer = (
+            torch.optim.Adam(params, lr=optim.lr) if optim.optimizer == "adam" else torch.optim.SGD(params, lr=optim.lr)
+        )
+        self.stream = VectorStream(
+            source,
+            optim.batch_size,
+            min(optim.shuffle_buffer, source.n),
+            seed=seed,
+            dtype=model.W1.dtype,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        self.total_steps = optim.steps or optim.epochs * self.stream.steps_per_epoch
+        self.since_fired = torch.zeros(model.n_hidden, dtype=torch.int64)  # examples since each unit last fired
+        self.step, self.scale = 0, 1.0
+        if state is None:
+            self._initialise(source)
+        else:
+            self.load_state_dict(state)
+
+    @torch.no_grad()
+    def _initialise(self, source) -> None:
+        """Input scale and decoder bias from the data, before the first step."""
+        optim, model = self.optim, self.model
+        if optim.scale_inputs:
+            _, mean_squared_norm = mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)
+            self.scale = float(mean_squared_norm) ** -0.5
+        if optim.decoder_bias_init != "zeros":
+            center = (
+                geometric_median(source, seed=self.seed)
+                if optim.decoder_bias_init == "geometric-median"
+                else mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)[0]
+            )
+            model.b2.copy_(torch.as_tensor(center) * self.scale)
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "scale": self.scale,
+            "optimizer": self.optimizer.state_dict(),
+            "stream": self.stream.state_dict(),
+            "since_fired": self.since_fired.clone(),
+            "kind": self.model.training_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.scale = state["step"], state["scale"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        self.since_fired.copy_(state["since_fired"])
+        self.model.load_training_state(state["kind"])
+
+    def dead(self) -> torch.Tensor:
+        """(n_hidden,) bool: units that have not fired in optim.dead_after examples."""
+        return self.since_fired >= self.optim.dead_after
+
+    def _step(self, x_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step; returns this process's sums for the history (see SUMS) and which units fired."""
+        model, optim = self.model, self.optim
+        out = model.compute_gradients(x_in, y, dead=self.dead().to(y.device), autocast=AUTOCAST[optim.autocast])
+        distributed.average_gradients(list(model.parameters()))
+        if optim.normalize_decoder:
+            model.remove_parallel_gradient_()
+        self.optimizer.step()
+        if optim.normalize_decoder:
+            model.normalize_decoder_()
+        return self._sums(out.terms, out.codes, y)
+
+    @torch.no_grad()
+    def _sums(self, terms, h, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history's per-batch sums, and which units fired. The variance for the FVU is about the
+        global batch's mean (sum ||y||^2 - <sum y, mean>), so it does not depend on the process count."""
+        batch = y.shape[0]
+        if isinstance(h, SparseCodes):
+            positive = h.values > 0
+            fired = torch.zeros(self.model.n_hidden, dtype=torch.bool, device=y.device)
+            fired[h.indices[positive]] = True
+        else:
+            positive = h > 0
+            fired = positive.any(0)
+        numbers = terms.numbers()
+        squared_error = 2 * batch * numbers[0]  # reconstruction = 0.5 mean_i ||x_hat_i - y_i||^2
+        column_sum = y.sum(0)
+        total = distributed.all_reduce_sum(torch.cat([column_sum, y.new_tensor([batch])]))
+        variance = float(torch.dot(y.reshape(-1), y.reshape(-1)) - column_sum @ (total[:-1] / total[-1]))
+        sums = [t * batch for t in (terms.total, *numbers)]
+        return torch.tensor(
+            [*sums, squared_error, variance, float(positive.sum())], dtype=torch.float64, device=y.device
+        ), fired
+
+    def run(
+        self,
+        progress: bool = True,
+        checkpoint: Callable[[], None] | None = None,
+        on_row: Callable[[dict], None] | None = None,
+    ) -> tuple[list, bool]:
+        """Train until total_steps, calling checkpoint() every optim.checkpoint_every steps and
+        on_row(row) with each new history row. Returns (the history, including rows from before a
+        resume, interrupted)."""
+        optim, model = self.optim, self.model
+        world = distributed.world_size()
+        generator = torch.Generator()
+        started, interrupted = time.perf_counter(), False
+        window = torch.zeros(len(SUMS), dtype=torch.float64)
+        examples_in_window, window_started = 0, time.perf_counter()
+        if optim.normalize_decoder and self.step == 0:
+            model.normalize_decoder_()
+        model.train()
+        batches = iter(self.stream)
+        show = progress and distributed.is_main()
+        with progress_bar(self.total_steps, optim.optimizer, show) as bar, StepBoundaryStop() as stop:
+            bar.update(self.step)
+            try:
+                while self.step < self.total_steps and not stop.requested:
+                    y = next(batches).to(model.W1.device) * self.scale
+                    x_in = y
+                    if self.corruption is not None:
+                        # The corruption of the whole global batch is drawn from (seed, step), and each
+                        # process takes its rows: N processes corrupt exactly as one does.
+                        generator.manual_seed(self.seed * 1_000_003 + self.step)
+                        x_in = self.corruption(y, generator, distributed.rank(), world)
+                    sums, fired = self._step(x_in, y)
+                    fired = distributed.all_reduce_sum(fired.to(torch.int64)).cpu() > 0
+                    self.since_fired += y.shape[0] * world
+                    self.since_fired[fired] = 0
+                    self.step += 1
+                    window += distributed.all_reduce_sum(sums).cpu()
+                    examples_in_window += y.shape[0] * world
+                    bar.update(1)
+                    if self.step % optim.log_every == 0 or self.step == self.total_steps:
+                        row = self._row(window, examples_in_window, time.perf_counter() - window_started, started)
+                        self.history.append(row)
+                        if on_row is not None:
+                            on_row(row)
+                        bar.set_postfix(
+                            cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False
+                        )
+                        window.zero_()
+                        examples_in_window, window_started = 0, time.perf_counter()
+                    if checkpoint is not None and self.step % optim.checkpoint_every == 0:
+                        checkpoint()
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
+                interrupted = True
+        model.eval()
+        return self.history, interrupted or stop.requested
+
+    def _row(self, window, n, seconds, started) -> dict:
+        total, reconstruction, sparsity, aux, decay, squared_error, variance, active = window.tolist()
+        row = {
+            "step": self.step,
+            "cost": total / n,
+            "reconstruction": reconstruction / n,
+            "sparsity": sparsity / n,
+            "aux": aux / n,
+            "weight_decay": decay / n,
+            "mse": squared_error / (n * self.model.n_inputs) / self.scale**2,
+            "fvu": squared_error / max(variance, 1e-30),
+            "l0": active / n,
+            "dead_fraction": float(self.dead().double().mean()),
+            "examples_per_s": round(n / max(seconds, 1e-9), 1),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        return {**row, **self.model.history_stats()}
