@@ -17,6 +17,8 @@ and exits with status 2, without a usage block or traceback.
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import typing
 
@@ -31,10 +33,11 @@ from .data.harvest import DOCUMENTS, DTYPES, harvest
 from .data.vectors import open_vectors
 from .errors import UserError
 from .eval import evaluate_stream
+from .files import os_error_message
 from .interop.saelens import export_run, import_run
 from .kinds import KINDS
 from .presets import PRESETS
-from .run import RESUMABLE, RunFolder, resume_run, train_run, write_classification
+from .run import RESUMABLE, Interrupted, RunFolder, resume_run, train_run, write_classification
 from .run.folder import EVAL
 from .settings import dashed, field_docs, value_type
 from .viz.report import save_density_png
@@ -287,8 +290,26 @@ def main(argv=None) -> int:
     try:
         return commands[args.command](args)
     except UserError as e:
-        print(f"saekit: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except BrokenPipeError:  # the reader of stdout went away (`saekit eval ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # the file system's own failures: read-only, full, a file where a folder should be
+        return _error(os_error_message(e))
+    except Interrupted as e:
+        print(
+            f"saekit: interrupted while writing the results; `saekit train --resume {e.folder}` writes them",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:
+        print("saekit: interrupted (a run stopped before its first checkpoint keeps nothing)", file=sys.stderr)
+        return 130
+
+
+def _error(message: str) -> int:
+    print(f"saekit: error: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_presets(args) -> int:
@@ -320,11 +341,13 @@ def cmd_train(args) -> int:
 
 
 def _report(result) -> int:
+    if result.interrupted:
+        for s in (signal.SIGINT, signal.SIGTERM):  # the run is saved: a further Ctrl-C has nothing left to stop
+            signal.signal(s, signal.SIG_IGN)
+        print(f"interrupted at a checkpoint; continue with: saekit train --resume {result.folder}", file=sys.stderr)
+        return 130
     print(", ".join(f"{k} {result.metrics[k]:.6g}" for k in REPORTED if k in result.metrics))
     print("wrote " + ", ".join(map(str, result.written)))
-    if result.interrupted:
-        print(f"interrupted; continue with: saekit train --resume {result.folder}", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -8,3 +8,7 @@ traceback.
 
 class UserError(ValueError):
     """Bad input: a wrong shape, a non-finite value, an out-of-range setting, a bad file."""
+
+
+class Diverged(UserError):
+    """Training produced a loss or weights that are not finite, or a loss far above where it began."""

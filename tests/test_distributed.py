@@ -1,7 +1,7 @@
 """Data-parallel training for real: `torchrun --nproc-per-node 2` (gloo, CPU) against one process with
 the same global batch. Two processes must follow the single process's path: same weights (to rounding),
 same BatchTopK threshold, dead-unit counters, running rho_hat and history (read back through
-saekit.run.RunFolder)."""
+saekit.run.RunFolder), also when a one-process run is resumed by two."""
 
 import json
 import os
@@ -18,6 +18,7 @@ import torch
 
 from saekit.cli import main
 from saekit.run import RunFolder
+from saekit.run.train import _fixed_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
@@ -148,10 +149,15 @@ def sigmoid_kl_runs(tmp_path_factory):
     return root
 
 
+LAST_CHECKPOINT = "checkpoint/step-000000010"  # --steps 10: the one checkpoint, at the end
+
+
 def _trainer_state(run_dir) -> dict:
     """The trainer's state in the run's last checkpoint."""
-    _, state, _ = RunFolder(run_dir).load_checkpoint()
-    return state
+    folder = RunFolder.open(run_dir)
+    checkpoint = folder.load_checkpoint(_fixed_settings(folder.load_config()))
+    assert checkpoint.step == 10 and checkpoint.skipped == []
+    return checkpoint.trainer_state
 
 
 def _assert_close_weights(root, name="weights.safetensors"):
@@ -166,7 +172,14 @@ def _assert_close_weights(root, name="weights.safetensors"):
 
 def test_two_processes_train_batchtopk_like_one(batchtopk_runs):
     one, two = _assert_close_weights(batchtopk_runs)
-    _assert_close_weights(batchtopk_runs, "checkpoint/model.safetensors")
+    _assert_close_weights(batchtopk_runs, f"{LAST_CHECKPOINT}/model.safetensors")
+    for name in ("one", "two"):  # the first process alone wrote the folder: one checkpoint, no leftovers
+        run_dir = batchtopk_runs / name
+        assert [p.name for p in (run_dir / "checkpoint").iterdir()] == ["step-000000010"], name
+        assert not list(run_dir.rglob("*.tmp")), name
+        state = json.loads((run_dir / "state.json").read_text())
+        assert state == {"steps_done": 10, "steps_total": 10, "finished": True}, name
+        assert (run_dir / "density.png").is_file(), name
     initial = safetensors.torch.load_file(batchtopk_runs / "one" / "initial.safetensors")
     assert float((one["W1"] - initial["W1"]).abs().max()) > 1e-3  # it trained
     assert float(one["batch_topk.threshold"]) > 0  # the threshold was estimated over the global batch
@@ -211,3 +224,26 @@ def test_two_processes_log_the_same_fvu_as_one(batchtopk_runs):
     one, two = _history_without_timing(batchtopk_runs / "one"), _history_without_timing(batchtopk_runs / "two")
     for a, b in zip(one, two):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-10)
+
+
+def test_a_one_process_run_resumed_by_two_processes_trains_like_one(batchtopk_runs, tmp_path):
+    """--resume with the global batch split over two processes (--batch-size 50 instead of 100): from
+    the one-process checkpoint, the two processes go on as one process does."""
+    for name in ("alone", "split"):
+        shutil.copytree(batchtopk_runs / "one", tmp_path / name)
+    _train_one_process(["--resume", str(tmp_path / "alone"), "--steps", "14", "--no-progress"])
+    resume = ["--resume", str(tmp_path / "split"), "--batch-size", "50", "--steps", "14", "--no-progress"]
+    done = _train_two_processes(resume, tmp_path)
+    assert "4 of 14 steps to go, 2 processes" in done.stdout
+    for name in ("weights.safetensors", "checkpoint/step-000000014/model.safetensors"):
+        alone = safetensors.torch.load_file(tmp_path / "alone" / name)
+        split = safetensors.torch.load_file(tmp_path / "split" / name)
+        assert alone.keys() == split.keys()
+        for key in alone:
+            assert float((alone[key] - split[key]).abs().max()) < 1e-10, (name, key)
+    record = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert [entry["changes"] for entry in record["resumed"]] == [{"steps": 14, "batch_size": 50}]
+    alone, split = _history_without_timing(tmp_path / "alone"), _history_without_timing(tmp_path / "split")
+    assert [row["step"] for row in alone] == [row["step"] for row in split] == [5, 10, 14]
+    for a, b in zip(alone, split):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)

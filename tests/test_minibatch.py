@@ -1,8 +1,9 @@
 """saekit.train.Minibatch on modern dictionaries: one step against a dense autograd reference
 (the kinds' penalties and AuxK, running rho_hat), dictionary recovery on synthetic data, decoder
 normalisation, initialisations, the input scale, dead-unit counters, exact resume (in-process through
-saekit.run.RunFolder's checkpoints, and through the CLI), saekit.eval.evaluate_stream, `saekit eval`,
-and damaged checkpoints."""
+saekit.run.RunFolder's checkpoints, and through the CLI: after Ctrl-C or SIGTERM, from the checkpoint
+before a damaged one, with the history cut back, from the seed when there is no checkpoint), refused
+resumes, saekit.eval.evaluate_stream, `saekit eval`."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from saekit.data.vectors import open_vectors
 from saekit.errors import UserError
 from saekit.eval import evaluate_stream
 from saekit.run import RunFolder, load_model
+from saekit.run.train import _fixed_settings
 from saekit.train import Minibatch
 
 D, N_HIDDEN = 16, 64
@@ -441,13 +443,17 @@ def test_trainer_state_round_trips_through_a_file(tmp_path):
     trainer = _trainer(x, cfg)
     trainer.run(progress=False)
     folder = RunFolder(tmp_path)
-    folder.save_checkpoint(trainer.model, trainer.state_dict(), trainer.history)
-    model, state, history = folder.load_checkpoint()
+    settings = _fixed_settings(cfg)
+    folder.save_checkpoint(trainer.model, trainer.state_dict(), trainer.history, settings, cfg.optim.keep_checkpoints)
+    checkpoint = folder.load_checkpoint(settings)
+    assert checkpoint.step == 3 and checkpoint.settings == settings
+    model, state = checkpoint.model, checkpoint.trainer_state
     _assert_same_tensors(_tensors(model), _tensors(trainer.model))
-    assert history == trainer.history
+    assert checkpoint.history == trainer.history
     restored = _trainer(x, cfg, state=state, model=model)
     a, b = trainer.state_dict(), restored.state_dict()
-    assert (a["step"], a["scale"], a["stream"]) == (b["step"], b["scale"], b["stream"])
+    for key in ("step", "scale", "stream", "first_loss"):
+        assert a[key] == b[key], key
     assert a["step"] == 3 and a["stream"]["epoch"] * 4 + a["stream"]["step"] == 3  # 120 rows: 4 batches an epoch
     assert torch.equal(a["since_fired"], b["since_fired"])
     assert a["kind"]["rho_hat"] is not None and torch.equal(a["kind"]["rho_hat"], b["kind"]["rho_hat"])
@@ -466,6 +472,7 @@ def _drop_timing(rows):
 def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
     x = _unit_interval(110) if case == "sigmoid-kl" else _data(110, offset=1.0)  # 4 steps an epoch, 10 rows dropped
     cfg = _cfg(steps=15, checkpoint_every=7, **RESUME_CASES[case])
+    settings = _fixed_settings(cfg)
 
     straight = _trainer(x, cfg)
     straight.run(progress=False)
@@ -474,16 +481,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
     # Ctrl-C arrives during the checkpoint after step 7: the loop stops at that step boundary.
     _, interrupted = first.run(progress=False, checkpoint=lambda: os.kill(os.getpid(), signal.SIGINT))
     assert interrupted and first.step == 7
-    RunFolder(tmp_path).save_checkpoint(first.model, first.state_dict(), first.history)
+    RunFolder(tmp_path).save_checkpoint(first.model, first.state_dict(), first.history, settings, 2)
     del first  # nothing in memory carries over
 
-    model, state, _ = RunFolder(tmp_path).load_checkpoint()
-    second = _trainer(x, cfg, state=state, model=model, history=[])
+    checkpoint = RunFolder(tmp_path).load_checkpoint(settings)
+    second = _trainer(x, cfg, state=checkpoint.trainer_state, model=checkpoint.model, history=checkpoint.history)
     _, interrupted = second.run(progress=False)
     assert not interrupted and second.step == 15
     _assert_same_tensors(_tensors(second.model), _tensors(straight.model))
     assert torch.equal(second.since_fired, straight.since_fired)
-    assert _drop_timing(second.history) == _drop_timing(straight.history[7:])
+    assert _drop_timing(second.history) == _drop_timing(straight.history)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -534,35 +541,72 @@ CLI_TRAIN = [
 ]
 
 
+def _unit(run_dir, step):
+    return run_dir / "checkpoint" / f"step-{step:09d}"
+
+
+def _checkpoints(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoint").iterdir())
+
+
+def _weights(run_dir, name="weights.safetensors"):
+    return safetensors.torch.load_file(run_dir / name)
+
+
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """A 6-step run resumed to 12 steps, and a 12-step run."""
+    """A 6-step run resumed to 12 steps, and a 12-step run (checkpoints every 4 steps, the newest 2 kept)."""
     root = tmp_path_factory.mktemp("minibatch-cli")
     assert run_cli([*CLI_TRAIN, "--steps", "6", "--out", str(root / "resumed")]) == 0
     assert json.loads((root / "resumed" / "state.json").read_text())["steps_done"] == 6
+    assert _checkpoints(root / "resumed") == ["step-000000004", "step-000000006"]  # every 4 steps, and the end
     assert run_cli(["train", "--resume", str(root / "resumed"), "--steps", "12", "--no-progress"]) == 0
     assert run_cli([*CLI_TRAIN, "--steps", "12", "--out", str(root / "straight")]) == 0
     return root
 
 
+LOG_EVERY = 3  # CLI_TRAIN's --log-every
+
+
+def _assert_same_run(run_dir, straight, resumed_at=None):
+    """The weights, the last checkpoint, state.json and history.csv are those of the uninterrupted run.
+
+    A run resumed from a step between two history rows (resumed_at) writes its next row over the
+    steps since the resume only (the trainer's state holds no partial window): that row is compared
+    by its step and dead units alone (see test_history_after_a_resume_between_rows_equals_uninterrupted).
+    """
+    for name in ("weights.safetensors", "checkpoint/step-000000012/model.safetensors"):
+        _assert_same_tensors(_weights(run_dir, name), _weights(straight, name))
+    assert json.loads((run_dir / "state.json").read_text()) == {"steps_done": 12, "steps_total": 12, "finished": True}
+    history, expected = (_drop_timing(RunFolder(d).load_history()) for d in (run_dir, straight))
+    assert [row["step"] for row in history] == [3, 6, 9, 12]
+    if resumed_at is not None and resumed_at % LOG_EVERY:
+        straddling = (resumed_at // LOG_EVERY) * LOG_EVERY + LOG_EVERY
+        for rows in (history, expected):
+            (row,) = [row for row in rows if row["step"] == straddling]
+            row.update({k: None for k in row if k not in ("step", "dead_fraction")})
+    assert history == expected
+
+
 def test_cli_resume_with_more_steps_equals_an_uninterrupted_run(cli_runs):
-    for name in ("weights.safetensors", "checkpoint/model.safetensors"):
-        _assert_same_tensors(
-            safetensors.torch.load_file(cli_runs / "resumed" / name),
-            safetensors.torch.load_file(cli_runs / "straight" / name),
-        )
-    state = json.loads((cli_runs / "resumed" / "state.json").read_text())
-    assert state == {"steps_done": 12, "steps_total": 12, "finished": True}
-    resumed, straight = (RunFolder(cli_runs / name).load_history() for name in ("resumed", "straight"))
-    assert [row["step"] for row in resumed] == [3, 6, 9, 12]
-    assert _drop_timing(resumed) == _drop_timing(straight)
+    _assert_same_run(cli_runs / "resumed", cli_runs / "straight")
+    for name in ("resumed", "straight"):
+        assert _checkpoints(cli_runs / name) == ["step-000000008", "step-000000012"], name
+    record = json.loads((cli_runs / "resumed" / "config.json").read_text())
+    assert record["config"]["optim"]["steps"] == 12
+    assert [entry["changes"] for entry in record["resumed"]] == [{"steps": 12}]
+    assert "resumed" not in json.loads((cli_runs / "straight" / "config.json").read_text())
 
 
 def test_cli_final_weights_are_the_checkpoint_folded_by_the_input_scale(cli_runs):
     """weights.safetensors takes raw inputs: W1 * s, W2 / s, b2 / s of the checkpoint, s = E||x||^2 ^ -1/2."""
-    final = safetensors.torch.load_file(cli_runs / "straight" / "weights.safetensors")
-    trained = safetensors.torch.load_file(cli_runs / "straight" / "checkpoint" / "model.safetensors")
-    _, state, _ = RunFolder(cli_runs / "straight").load_checkpoint()
+    run_dir = cli_runs / "straight"
+    final = _weights(run_dir)
+    trained = _weights(_unit(run_dir, 12), "model.safetensors")
+    folder = RunFolder.open(run_dir)
+    checkpoint = folder.load_checkpoint(_fixed_settings(folder.load_config()))
+    assert checkpoint.step == 12
+    state = checkpoint.trainer_state
     x = SyntheticDictionary(16, 32, 3, seed=0).sample(400).x.double()
     s = float(x.pow(2).sum(1).mean()) ** -0.5
     assert state["scale"] == pytest.approx(s, rel=1e-12)
@@ -571,16 +615,62 @@ def test_cli_final_weights_are_the_checkpoint_folded_by_the_input_scale(cli_runs
     assert torch.equal(final["W2"], trained["W2"] / s) and torch.equal(final["b2"], trained["b2"] / s)
 
 
-def _copy_run(cli_runs, tmp_path):
+def _copy_run(cli_runs, tmp_path, name="resumed"):
     target = tmp_path / "run"
-    shutil.copytree(cli_runs / "resumed", target)
+    shutil.copytree(cli_runs / name, target)
     return target
 
 
-@pytest.mark.parametrize("damage", ["trainer-garbage", "trainer-truncated", "trainer-missing", "model-truncated"])
-def test_damaged_checkpoint_is_a_one_line_error(cli_runs, tmp_path, capsys, damage):
-    run_dir = _copy_run(cli_runs, tmp_path)
-    trainer, model = run_dir / "checkpoint" / "trainer.pt", run_dir / "checkpoint" / "model.safetensors"
+def _interrupt_cli_run(run_dir, monkeypatch, how, step):
+    """The 12-step run of CLI_TRAIN, sent the signal how (twice) during the given step; returns the exit status."""
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def signalling_step(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), how)
+            os.kill(os.getpid(), how)  # a second signal changes nothing
+        return real_step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", signalling_step)
+    code = run_cli([*CLI_TRAIN, "--steps", "12", "--out", str(run_dir)])
+    monkeypatch.undo()
+    assert calls["n"] == step  # no step after the one the signals came in
+    return code
+
+
+@pytest.mark.parametrize("how, step", [(signal.SIGINT, 5), (signal.SIGTERM, 6)])
+def test_cli_ctrl_c_stops_at_a_checkpoint_and_resume_equals_an_uninterrupted_run(
+    cli_runs, tmp_path, capsys, monkeypatch, how, step
+):
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert _interrupt_cli_run(run_dir, monkeypatch, how, step) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at a checkpoint; continue with: saekit train --resume {run_dir}" in err
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state == {"steps_done": step, "steps_total": 12, "finished": False}
+    assert _checkpoints(run_dir) == ["step-000000004", f"step-{step:09d}"]  # the regular one, and the stop's
+    assert [row["step"] for row in RunFolder(run_dir).load_history()] == list(range(3, step + 1, 3))
+    for name in ("weights.safetensors", "metrics.json", "density.png"):  # the results come at the end only
+        assert not (run_dir / name).exists(), name
+
+    assert run_cli(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    _assert_same_run(run_dir, cli_runs / "straight", resumed_at=step)
+
+
+def test_history_after_a_resume_between_rows_equals_uninterrupted(cli_runs, tmp_path, monkeypatch):
+    """Ctrl-C at step 5, between the rows of steps 3 and 6: after --resume, the row of step 6 should
+    still sum steps 4 to 6, as the uninterrupted run's does, and not step 6 alone."""
+    run_dir = tmp_path / "run"
+    assert _interrupt_cli_run(run_dir, monkeypatch, signal.SIGINT, 5) == 130
+    assert run_cli(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    _assert_same_run(run_dir, cli_runs / "straight")
+
+
+def _damage(unit, damage):
+    """Damage one file of a checkpoint; returns the file's name."""
+    trainer, model = unit / "trainer.pt", unit / "model.safetensors"
     if damage == "trainer-garbage":
         trainer.write_bytes(b"not a torch file at all")
     elif damage == "trainer-truncated":
@@ -589,10 +679,105 @@ def test_damaged_checkpoint_is_a_one_line_error(cli_runs, tmp_path, capsys, dama
         trainer.unlink()
     else:
         model.write_bytes(model.read_bytes()[:100])
+    return "model.safetensors" if damage.startswith("model") else "trainer.pt"
+
+
+DAMAGES = ["trainer-garbage", "trainer-truncated", "trainer-missing", "model-truncated"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(cli_runs, tmp_path, capsys, damage):
+    """Of the two checkpoints kept (steps 8 and 12), the newest is damaged: resuming says so, goes on
+    from step 8, and trains steps 9 to 12 again to the uninterrupted run's weights and history."""
+    run_dir = _copy_run(cli_runs, tmp_path)
+    named = _damage(_unit(run_dir, 12), damage)
+    capsys.readouterr()
+    assert run_cli(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "resuming from the checkpoint of step 8" in line]
+    assert len(warning) == 1 and str(_unit(run_dir, 12)) in warning[0] and named in warning[0], err
+    _assert_same_run(run_dir, cli_runs / "straight", resumed_at=8)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_only_checkpoint_is_a_one_line_error(cli_runs, tmp_path, capsys, damage):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    shutil.rmtree(_unit(run_dir, 8))  # as with --keep-checkpoints 1
+    named = _damage(_unit(run_dir, 12), damage)
+    capsys.readouterr()
+    code = run_cli(["train", "--resume", str(run_dir), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, str(_unit(run_dir, 12)), named)
+    assert _checkpoints(run_dir) == ["step-000000012"]  # a refused resume removes nothing
+    assert (run_dir / "weights.safetensors").is_file()
+
+
+def test_a_refused_resume_records_no_change_of_settings(cli_runs, tmp_path, capsys):
+    """--resume --steps 14 refused (the only checkpoint is damaged): config.json must not say the run
+    was resumed with 14 steps, or a later plain --resume would train to 14."""
+    run_dir = _copy_run(cli_runs, tmp_path)
+    shutil.rmtree(_unit(run_dir, 8))
+    _damage(_unit(run_dir, 12), "trainer-garbage")
+    before = (run_dir / "config.json").read_text()
     capsys.readouterr()
     code = run_cli(["train", "--resume", str(run_dir), "--steps", "14", "--no-progress"])
-    named = "model.safetensors" if damage.startswith("model") else "trainer.pt"
-    assert_one_line_error(code, capsys.readouterr().err, named)
+    assert_one_line_error(code, capsys.readouterr().err, "trainer.pt")
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_resume_cuts_the_history_back_to_the_checkpoint(cli_runs, tmp_path):
+    """A kill after history rows were written but before the next checkpoint: the rows after the
+    checkpoint (and a row cut short) go, and the steps after it are trained again."""
+    run_dir = _copy_run(cli_runs, tmp_path, "straight")
+    shutil.rmtree(_unit(run_dir, 12))  # killed after step 12's row, before its checkpoint
+    with open(run_dir / "history.csv", "a") as f:
+        f.write("13,0.12")  # and in the middle of a later row
+    (run_dir / "weights.safetensors").unlink()
+    (run_dir / "state.json").write_text(json.dumps({"steps_done": 8, "steps_total": 12, "finished": False}))
+    assert [row["step"] for row in RunFolder(run_dir).load_history()] == [3, 6, 9, 12]
+    assert run_cli(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    _assert_same_run(run_dir, cli_runs / "straight", resumed_at=8)  # [3, 6, 9, 12]: no row twice
+    assert not (run_dir / "history.csv").read_text().endswith("0.12")
+
+
+def test_resume_without_a_checkpoint_starts_from_the_seed(cli_runs, tmp_path, capsys):
+    """A run killed before its first checkpoint keeps config.json (and perhaps some history rows):
+    --resume trains it from the start, to the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(cli_runs / "straight" / "config.json", run_dir / "config.json")
+    (run_dir / "history.csv").write_text("step,cost\n3,0.5\n6,0.4")
+    capsys.readouterr()
+    assert run_cli(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert "has no checkpoint yet: training from the start" in capsys.readouterr().err
+    initial = "initial.safetensors"
+    _assert_same_tensors(_weights(run_dir, initial), _weights(cli_runs / "straight", initial))
+    _assert_same_run(run_dir, cli_runs / "straight")
+
+
+@pytest.mark.parametrize("part, name, value", [("model", "k", 4), ("optim", "lr", 0.02), ("run", "seed", 1)])
+def test_resume_refuses_a_config_json_edited_since_the_checkpoint(cli_runs, tmp_path, capsys, part, name, value):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    record = json.loads((run_dir / "config.json").read_text())
+    record["config"][part][name] = value
+    (run_dir / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    code = run_cli(["train", "--resume", str(run_dir), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "config.json differs", f"{name} (", str(_unit(run_dir, 12)))
+    _assert_same_tensors(_weights(run_dir), _weights(cli_runs / "resumed"))  # nothing was changed
+
+
+def test_resume_accepts_the_runs_own_settings_and_refuses_others(cli_runs, tmp_path, capsys):
+    run_dir = _copy_run(cli_runs, tmp_path)
+    before = json.loads((run_dir / "config.json").read_text())
+    capsys.readouterr()
+    code = run_cli(["train", "--resume", str(run_dir), "--lr", "0.01", "--k", "3", "--steps", "12", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    after = json.loads((run_dir / "config.json").read_text())
+    assert after["config"] == before["config"] and after["resumed"] == before["resumed"]  # no change to record
+    code = run_cli(["train", "--resume", str(run_dir), "--lr", "0.02", "--k", "3", "--steps", "14", "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "lr (0.01 in the run, 0.02 given)")
+    assert "k (" not in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text()) == after  # the allowed --steps was not applied either
 
 
 def _rewrite_architecture(path, **changes):

@@ -1,7 +1,10 @@
 """saekit.train and saekit.eval: the optimizers lower J (measured by our own J), both ways of computing
 J (the sigmoid kind's closed form and autograd of the kinds' forward passes) agree, the L-BFGS objective
-matches our own cost, Ctrl-C keeps the last accepted point, and a seed fixes the result."""
+matches our own cost, Ctrl-C or SIGTERM stops at the end of an iteration or step (a raw KeyboardInterrupt
+propagates, the last accepted point restored), divergence is refused, and a seed fixes the result."""
 
+import os
+import signal
 import warnings
 
 import numpy as np
@@ -10,8 +13,10 @@ import torch
 from conftest import make_model, reference_cost
 
 from saekit.data import Corruption, DataConfig, load_training_data
+from saekit.data.vectors import open_vectors
+from saekit.errors import Diverged, UserError
 from saekit.eval import evaluate
-from saekit.train import OptimConfig, autoencoder_objective, fit, train_lbfgs
+from saekit.train import Minibatch, OptimConfig, autoencoder_objective, fit, train_lbfgs
 
 N_HIDDEN = 9
 
@@ -151,39 +156,93 @@ def test_autograd_objective_matches_our_own_cost(x, activation, output, penalty)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
-class _Interrupting:
-    """An objective that behaves like Ctrl-C on its n-th evaluation."""
+class _Signalling:
+    """An objective that sends itself Ctrl-C (or another signal) on its n-th evaluation, as a user
+    at the terminal would; `raw` raises KeyboardInterrupt there instead (what Ctrl-C does where no
+    handler catches it). It records how many evaluations each accepted iteration ended after."""
 
-    def __init__(self, objective, n):
-        self.objective, self.n, self.calls = objective, n, 0
+    def __init__(self, objective, n, signals=(signal.SIGINT,), raw=False):
+        self.objective, self.n, self.signals, self.raw = objective, n, signals, raw
+        self.calls, self.calls_at_iteration = 0, []
 
     def __call__(self):
         self.calls += 1
-        if self.calls >= self.n:
-            raise KeyboardInterrupt
+        if self.calls == self.n:
+            if self.raw:
+                raise KeyboardInterrupt
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
         return self.objective()
 
+    def on_iteration(self, row):
+        self.calls_at_iteration.append(self.calls)
 
-def test_ctrl_c_keeps_the_last_accepted_parameters(x):
+
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGINT, signal.SIGTERM)]
+)
+def test_ctrl_c_stops_at_the_end_of_the_iteration_at_its_accepted_point(x, signals):
+    """Ctrl-C or SIGTERM in the middle of a line search: the iteration finishes, then L-BFGS stops
+    there, and the model holds that accepted point. Further signals change nothing."""
     model = make_model(64, N_HIDDEN, seed=0)
     start = _J(model, x)
-    objective = _Interrupting(autoencoder_objective(model, x), n=9)
-    history, interrupted = train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
-    assert interrupted and objective.calls == 9
-    assert 1 <= len(history) < 9
+    objective = _Signalling(autoencoder_objective(model, x), n=9, signals=signals)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    history, interrupted = train_lbfgs(
+        model.parameters(), objective, max_iter=50, progress=False, on_iteration=objective.on_iteration
+    )
+    assert interrupted
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are put back
+    ends = objective.calls_at_iteration
+    assert len(history) == len(ends) >= 2
+    # The last iteration is the one the signal came in: it ended after evaluation 9, the one before it did not.
+    assert ends[-2] < 9 <= ends[-1] == objective.calls
     _check_rows(history, len(history))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    # Not the trial point the interrupted evaluation was at: the last point the history recorded.
+    # Not a trial point of the line search: the last point the history recorded.
     assert _J(model, x) == pytest.approx(history[-1]["cost"], rel=1e-10)
     assert history[-1]["cost"] < start
 
 
-def test_ctrl_c_before_the_first_iteration_restores_the_initial_parameters(x):
+def test_ctrl_c_during_the_first_iteration_stops_after_it(x):
+    model = make_model(64, N_HIDDEN, seed=0)
+    objective = _Signalling(autoencoder_objective(model, x), n=1)
+    history, interrupted = train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
+    assert interrupted and len(history) == 1
+    assert _J(model, x) == pytest.approx(history[0]["cost"], rel=1e-10)
+
+
+def test_a_raw_keyboard_interrupt_propagates_with_the_last_accepted_parameters(x):
+    """Where no handler turns Ctrl-C into a stop (KeyboardInterrupt raised as such), it propagates,
+    and the parameters are put back to the last accepted point first, never left at a trial point."""
     model = make_model(64, N_HIDDEN, seed=0)
     initial = [p.detach().clone() for p in model.parameters()]
-    objective = _Interrupting(autoencoder_objective(model, x), n=2)
-    history, interrupted = train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
-    assert interrupted and history == []
+    objective = _Signalling(autoencoder_objective(model, x), n=2, raw=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_lbfgs(model.parameters(), objective, max_iter=50, progress=False)
+    for p, q in zip(model.parameters(), initial):  # before the first iteration: the initial point
+        assert torch.equal(p.detach(), q)
+
+    rows = []
+    objective = _Signalling(autoencoder_objective(model, x), n=9, raw=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_lbfgs(model.parameters(), objective, max_iter=50, progress=False, on_iteration=rows.append)
+    assert len(rows) >= 1 and objective.calls == 9
+    assert _J(model, x) == pytest.approx(rows[-1]["cost"], rel=1e-10)
+
+
+def test_lbfgs_raises_diverged_on_a_cost_that_is_not_finite(x):
+    model = make_model(64, N_HIDDEN, seed=0)
+    initial = [p.detach().clone() for p in model.parameters()]
+    objective = autoencoder_objective(model, x)
+
+    def nan_at_the_start():
+        evaluated = objective()
+        return evaluated._replace(cost=float("nan"))
+
+    with pytest.raises(Diverged, match="nan"):
+        train_lbfgs(model.parameters(), nan_at_the_start, max_iter=5, progress=False)
+    assert issubclass(Diverged, UserError)
     for p, q in zip(model.parameters(), initial):
         assert torch.equal(p.detach(), q)
 
@@ -244,21 +303,60 @@ def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
     assert _J(model, x) < 0.8 * start
 
 
-def test_minibatch_ctrl_c_stops_cleanly(x, monkeypatch):
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM, signal.SIGINT)])
+def test_minibatch_ctrl_c_stops_at_the_end_of_the_step(x, monkeypatch, signals):
+    """Ctrl-C (or SIGTERM, and any further signal) in the middle of step 6: that step is applied
+    whole, then training stops. The weights are exactly those of a run of 6 steps."""
     real_step, calls = torch.optim.Adam.step, {"n": 0}
 
-    def interrupting_step(self, *args, **kw):  # Ctrl-C during the sixth step, in the second epoch
+    def signalling_step(self, *args, **kw):  # the signal comes before the sixth step's update
         calls["n"] += 1
         if calls["n"] == 6:
-            raise KeyboardInterrupt
+            for signum in signals:
+                os.kill(os.getpid(), signum)
         return real_step(self, *args, **kw)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    monkeypatch.setattr(torch.optim.Adam, "step", signalling_step)
     model = make_model(64, N_HIDDEN, seed=0)
     history, interrupted = fit(model, x, _minibatch_cfg(), progress=False)
     assert interrupted and calls["n"] == 6
     assert [row["step"] for row in history] == [4]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.undo()
+    six_steps = make_model(64, N_HIDDEN, seed=0)
+    _, interrupted = fit(six_steps, x, _minibatch_cfg(steps=6), progress=False)
+    assert not interrupted
+    for p, q in zip(model.parameters(), six_steps.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_minibatch_raw_keyboard_interrupt_propagates(x, monkeypatch):
+    def interrupting_step(self, *args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(64, N_HIDDEN, seed=0), x, _minibatch_cfg(), progress=False)
+
+
+def test_minibatch_divergence_raises_before_the_step_is_applied(x):
+    """SGD with a huge learning rate on a linear-output ReLU autoencoder: the loss explodes, Diverged
+    (a UserError) names the step and --lr, and the weights stay those after the last good step."""
+    model = make_model(64, N_HIDDEN, "relu", "linear", seed=0, penalty="none")
+    cfg = OptimConfig(optimizer="sgd", lr=1e4, steps=20, batch_size=50, log_every=1, checkpoint_every=1)
+    trainer = Minibatch(model, open_vectors(x), cfg)
+    snapshots = []
+
+    def checkpoint():
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+
+    with pytest.raises(Diverged, match="--lr") as error:
+        trainer.run(progress=False, checkpoint=checkpoint)
+    assert isinstance(error.value, UserError) and "\n" not in str(error.value)
+    assert 1 <= len(snapshots) == trainer.step < 20
+    assert f"step {trainer.step + 1}" in str(error.value)
+    for p, q in zip(model.parameters(), snapshots[-1]):
+        assert torch.equal(p.detach(), q)
 
 
 def test_autograd_training_emits_no_warning(x):

@@ -7,6 +7,8 @@ over a stream of any size.
 
 import torch
 
+from ..data.vectors import check_finite
+
 
 def fraction(numerator: float, denominator: float) -> float:
     """numerator / denominator, NaN where the data have no variance to explain."""
@@ -58,7 +60,7 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
     total = torch.zeros(model.n_inputs, dtype=torch.float64)
     fired = torch.zeros(model.n_hidden, dtype=torch.float64)
     for start in range(0, n, batch_size):
-        x = source.read(start, min(start + batch_size, n)).to(dtype=dtype, device=device)
+        x = check_finite(source.read(start, min(start + batch_size, n)).to(dtype=dtype), source, start).to(device)
         out = model(x)
         h = model.dense_codes(out.codes)
         squared_error += float((out.x_hat - x).double().pow(2).sum())

@@ -237,7 +237,7 @@ def import_run(folder, out=None) -> tuple[SparseAutoencoder, RunFolder]:
     model = import_saelens(folder)
     dtype: Literal["float64", "float32"] = "float64" if model.W1.dtype == torch.float64 else "float32"
     cfg = TrainConfig(model=model.cfg, optim=OptimConfig(optimizer="adam"), run=RunConfig(dtype=dtype))
-    run = RunFolder.create(out, "saelens")
+    run = RunFolder.create(out, "saelens", resumable=False)
     run.save_model(model)
     run.save_config(
         cfg, "imported", imported_from=str(Path(folder).resolve()), saelens_cfg=read_json(Path(folder) / CFG_NAME)

@@ -3,15 +3,24 @@
     result = train_run(cfg, out="runs/mine")      # what `saekit train` does after parsing
     result = resume_run("runs/mine")              # what `saekit train --resume runs/mine` does
 
-Full-batch runs (L-BFGS) keep the model in memory and write it at the end (or on Ctrl-C);
-minibatch runs write a checkpoint every optim.checkpoint_every steps. Either way, an
-interrupted run leaves a folder that `resume_run` continues, and the result says it was
-interrupted. Under torchrun, join the process group first (saekit.distributed): every process
-trains, only the first writes the folder.
+The life of a run, and what a kill at any moment leaves:
+
+1. Every check that can fail before training (device, memory, data, settings) runs before the
+   folder is made; a run that fails before its first checkpoint removes what it wrote.
+2. config.json and initial.safetensors are written; history.csv grows a row at a time.
+3. Every optim.checkpoint_every steps (and at the end, and on Ctrl-C or SIGTERM, at a step's
+   end) a checkpoint unit is written (saekit.run.folder): a kill leaves the previous checkpoint or
+   the new one. Resuming cuts history.csv back to the checkpoint's step, and the steps after it
+   are trained again, to the same weights.
+4. At the end: weights.safetensors, metrics.json, stacked layers and classifier, pictures, then
+   state.json says finished. A kill or Ctrl-C before that leaves a run that --resume finishes.
+
+Under torchrun, join the process group first (saekit.distributed): every process trains, only
+the first writes the folder.
 """
 
-import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,18 +32,37 @@ from ..classify.stacked import Layers, pretrain_stack
 from ..config import TrainConfig
 from ..data import Dataset, load_training_data
 from ..data.synthetic import recovery_score
-from ..errors import UserError
+from ..errors import Diverged, UserError
 from ..eval import evaluate, evaluate_stream
 from ..kinds import SparseAutoencoder, build
-from ..train import Minibatch, fit
+from ..train import check_fits, estimate, trainer_for
+from ..train.control import StepBoundaryStop, TermAsInterrupt
 from ..viz.report import save_confusion_png, save_density_png, write_pictures
-from .folder import CLASSIFICATION, INITIAL, METRICS, TENSORBOARD, RunFolder
+from .folder import CLASSIFICATION, INITIAL, METRICS, STATE, TENSORBOARD, RunFolder
 
 EVAL_ROWS = 100_000  # rows of streamed training data the final metrics are computed on
 CLASSIFICATION_REPORTED = ("accuracy", "accuracy_before_fine_tuning", "accuracy_raw_pixels")
-# Settings that may change on --resume: how long to train, and the per-process batch (another
-# process count with the same global batch). Every other setting is the run's own.
-RESUMABLE = ("max_iter", "epochs", "steps", "batch_size")
+# Settings that may change on --resume (applied and recorded in config.json): how long to train,
+# the per-process batch (another process count with the same global batch; the stream checks),
+# and how often to log and checkpoint. Every other setting is the run's own.
+RESUMABLE = (
+    "max_iter",
+    "epochs",
+    "steps",
+    "batch_size",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "tensorboard",
+)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after training, while the results were written: --resume writes them."""
+
+    def __init__(self, folder: RunFolder):
+        super().__init__(str(folder))
+        self.folder = folder
 
 
 class RunResult(NamedTuple):
@@ -56,30 +84,43 @@ def train_run(
 ) -> RunResult:
     """Train a new run into `out` (default runs/<preset>-<time>) as cfg says."""
     data = _prepare(cfg)  # before the run folder is made: a refused run leaves nothing behind
-    folder = RunFolder.create(out, preset) if distributed.is_main() else RunFolder(out or "")
-    if distributed.is_main():
+    if not distributed.is_main():
+        return _train(RunFolder(out or ""), cfg, data, resumed=False, progress=progress)
+    folder = RunFolder.create(out, preset)
+    try:
         folder.save_config(cfg, preset, command)
-    return _train(folder, cfg, data, resumed=False, progress=progress)
+        return _train(folder, cfg, data, resumed=False, progress=progress)
+    except BaseException:
+        if not folder.has_checkpoint():  # nothing to resume: leave no half-made run behind
+            folder.discard()
+        raise
 
 
 def resume_run(run_dir: str | Path, changes: dict | None = None, *, progress: bool = True) -> RunResult:
-    """Continue the interrupted run in run_dir; `changes` may set RESUMABLE settings only."""
+    """Continue the run in run_dir from its newest sound checkpoint (or from the start if it has none).
+
+    `changes` are settings given again: RESUMABLE ones are applied and recorded in config.json,
+    any other that differs from the run's own is refused with the list of differences.
+    """
     folder = RunFolder.open(run_dir)
-    changes = changes or {}
-    refused = sorted(set(changes) - set(RESUMABLE))
-    if refused:
-        raise UserError(
-            f"--resume continues a run with its own settings; only {', '.join(RESUMABLE)} may "
-            f"change (not {', '.join(refused)})."
-        )
     cfg = folder.load_config()
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **changes))
+    flat = cfg.flat()
+    differing = {k: v for k, v in (changes or {}).items() if flat.get(k) != v}
+    fixed = {k: v for k, v in differing.items() if k not in RESUMABLE}
+    if fixed:
+        listed = ", ".join(f"{k} ({flat.get(k)!r} in the run, {v!r} given)" for k, v in sorted(fixed.items()))
+        raise UserError(
+            f"--resume continues a run with its own settings; these differ: {listed}. Leave them out, "
+            f"or start a new run (only {', '.join(RESUMABLE)} may change)."
+        )
+    if differing:
+        cfg = TrainConfig.from_flat({**flat, **differing})
     data = _prepare(cfg)
-    return _train(folder, cfg, data, resumed=True, progress=progress)
+    return _train(folder, cfg, data, resumed=True, progress=progress, changes=differing)
 
 
 def _prepare(cfg: TrainConfig) -> Dataset:
-    """What must hold before anything is written: the device, optional packages, the data."""
+    """What must hold before anything is written: the device, optional packages, the data, the memory."""
     cfg.run.require_device()
     if cfg.run.tensorboard:
         _summary_writer_class()
@@ -88,6 +129,8 @@ def _prepare(cfg: TrainConfig) -> Dataset:
     data = load_training_data(cfg.data, cfg.run.torch_dtype, cfg.run.device, cfg.run.seed)
     if data.x is not None:
         _check_data(data.x, cfg)
+    itemsize = torch.empty(0, dtype=cfg.run.torch_dtype).element_size()
+    check_fits(estimate(data.source.d, cfg.model.n_hidden, cfg.optim, itemsize, data.source.n), cfg.run.device)
     return data
 
 
@@ -101,9 +144,15 @@ def _check_data(x: torch.Tensor, cfg: TrainConfig) -> None:
         )
 
 
-def _announce(folder: RunFolder, cfg: TrainConfig, data: Dataset, model, done: int, total: int, unit: str) -> None:
+def _say(message: str) -> None:
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _announce(folder: RunFolder, cfg: TrainConfig, data: Dataset, model, done: int, total: int) -> None:
     if distributed.is_main():
         processes = f", {distributed.world_size()} processes" if distributed.is_distributed() else ""
+        unit = "iterations" if cfg.optim.full_batch else "steps"
         print(
             f"run folder: {folder}\ndata: {data.description}\nmodel: {model.describe()}, weight decay "
             f"{cfg.model.weight_decay}\ntraining: {cfg.optim.optimizer}, {total - done} of {total} {unit} to go"
@@ -112,75 +161,85 @@ def _announce(folder: RunFolder, cfg: TrainConfig, data: Dataset, model, done: i
         )
 
 
-def _train(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, progress: bool) -> RunResult:
-    train = _train_full_batch if cfg.optim.full_batch else _train_minibatch
-    return train(folder, cfg, data, resumed, progress)
+def _fixed_settings(cfg: TrainConfig) -> dict:
+    """The settings a checkpoint must agree with to be resumed: all but RESUMABLE."""
+    return {k: v for k, v in cfg.flat().items() if k not in RESUMABLE}
 
 
-def _new_model(cfg: TrainConfig, n_inputs: int) -> SparseAutoencoder:
-    return build(cfg.model, n_inputs, dtype=cfg.run.torch_dtype, device=cfg.run.device, seed=cfg.run.seed)
-
-
-def _train_full_batch(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, progress: bool) -> RunResult:
-    history = folder.load_history() if resumed else []
-    if resumed:
-        model = folder.load_model(device=cfg.run.device)
-    else:
-        model = _new_model(cfg, data.in_memory().shape[1])
-        folder.save_model(model, INITIAL)
-    total = cfg.optim.max_iter
-    _announce(folder, cfg, data, model, len(history), total, "iterations")
-    interrupted = False
-    if len(history) < total:
-        optim = dataclasses.replace(cfg.optim, max_iter=total - len(history))
-        new_rows, interrupted = fit(
-            model, data.in_memory(), optim, corruption=cfg.data.corruption_fn(), seed=cfg.run.seed, progress=progress
-        )
-        history += [dict(row, step=row["step"] + len(history)) for row in new_rows]
-    folder.save_model(model)
-    folder.save_history(history)
-    folder.write_state(len(history), total)
-    return _finish(folder, cfg, data, model, history, interrupted, evaluate(model, data.in_memory()), progress)
-
-
-def _train_minibatch(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, progress: bool) -> RunResult:
-    if resumed:
-        model, state, history = folder.load_checkpoint(cfg.run.device)
-    else:
-        model, state, history = _new_model(cfg, data.source.d), None, []
+def _start(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool):
+    """(model, trainer state, history) to train from: the newest sound checkpoint, or the seed's start."""
+    checkpoint = folder.load_checkpoint(_fixed_settings(cfg), cfg.run.device) if resumed else None
+    if checkpoint is None:
+        if resumed:
+            _say(f"{folder} has no checkpoint yet: training from the start")
+        model = build(cfg.model, data.source.d, dtype=cfg.run.torch_dtype, device=cfg.run.device, seed=cfg.run.seed)
         if distributed.is_main():
             folder.save_model(model, INITIAL)
-    trainer = Minibatch(
-        model,
-        data.source,
-        cfg.optim,
-        seed=cfg.run.seed,
-        corruption=cfg.data.corruption_fn(),
-        state=state,
-        history=history,
-    )
+            folder.save_history([])
+        return model, None, []
+    for problem in checkpoint.skipped:
+        _say(f"saekit: {problem}; resuming from the checkpoint of step {checkpoint.step} instead")
+    if distributed.is_main():
+        folder.save_history(checkpoint.history)  # cut back to the checkpoint's step
+    return checkpoint.model, checkpoint.trainer_state, checkpoint.history
 
-    def checkpoint():
-        if distributed.is_main():
-            folder.save_checkpoint(model, trainer.state_dict(), history)
+
+def _train(
+    folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, progress: bool, changes: dict | None = None
+) -> RunResult:
+    """Train from the start or the newest checkpoint; `changes` (settings changed on resume) are recorded
+    in config.json once the checkpoint has been read."""
+    with TermAsInterrupt():  # SIGTERM outside training steps: as Ctrl-C, never a half-written file
+        model, state, history = _start(folder, cfg, data, resumed)
+        trainer = trainer_for(
+            model, data, cfg.optim, seed=cfg.run.seed, corruption=cfg.data.corruption_fn(), state=state, history=history
+        )
+        settings = _fixed_settings(cfg)
+
+        def checkpoint():
+            if not distributed.is_main():
+                return
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise Diverged(
+                    f"the weights hold NaN or infinite values after step {trainer.step}; the learning "
+                    f"rate (--lr) or a penalty weight is likely too large: start again with a smaller one"
+                )
+            folder.save_checkpoint(model, trainer.state_dict(), trainer.history, settings, cfg.optim.keep_checkpoints)
             folder.write_state(trainer.step, trainer.total_steps)
 
-    _announce(folder, cfg, data, model, trainer.step, trainer.total_steps, "steps")
-    on_row = _tensorboard(folder) if cfg.run.tensorboard and distributed.is_main() else None
-    _, interrupted = trainer.run(progress=progress, checkpoint=checkpoint, on_row=on_row)
-    checkpoint()
-    final = model.folded(trainer.scale)
+        _announce(folder, cfg, data, model, trainer.step, trainer.total_steps)
+        if changes and distributed.is_main():
+            folder.record_resume(cfg, changes)
+        with StepBoundaryStop() as stop:  # a signal waits for the last checkpoint, too
+            _, interrupted = trainer.run(progress=progress, checkpoint=checkpoint, on_row=_row_writer(folder, cfg))
+            checkpoint()
+        interrupted = interrupted or stop.requested
+        final = model.folded(trainer.scale)
+        if not distributed.is_main():
+            return RunResult(folder, final, {}, trainer.history, interrupted, [])
+        if interrupted:
+            return RunResult(folder, final, {}, trainer.history, True, [folder.file(STATE)])
+        try:
+            return _finish(folder, cfg, data, final, trainer.history, trainer.total_steps, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(folder) from None
+
+
+def _row_writer(folder: RunFolder, cfg: TrainConfig):
+    """The callback for each new history row: history.csv, and TensorBoard if asked for."""
     if not distributed.is_main():
-        return RunResult(folder, final, {}, history, interrupted, [])
-    folder.save_model(final)
-    metrics, density = evaluate_stream(final, data.source, max_rows=EVAL_ROWS)
-    if data.true_atoms is not None:
-        metrics["recovery"] = recovery_score(data.true_atoms, final.W2.t())
-    if data.x is not None:  # the exact cost over all the data
-        exact = evaluate(final, data.x)
-        metrics.update({k: exact[k] for k in ("cost", "reconstruction", "sparsity", "weight_decay", "rho_hat_mean")})
-    save_density_png(density, folder.file("density.png"))
-    return _finish(folder, cfg, data, final, history, interrupted, metrics, progress)
+        return None
+    writer = _summary_writer_class()(str(folder.file(TENSORBOARD))) if cfg.run.tensorboard else None
+
+    def on_row(row: dict) -> None:
+        folder.append_history(row)
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    writer.add_scalar(key, value, row["step"])
+            writer.flush()
+
+    return on_row
 
 
 def _summary_writer_class():
@@ -191,17 +250,15 @@ def _summary_writer_class():
     return SummaryWriter
 
 
-def _tensorboard(folder: RunFolder):
-    """A history-row callback that also logs to TensorBoard, in RUN/tensorboard."""
-    writer = _summary_writer_class()(str(folder.file(TENSORBOARD)))
-
-    def log(row: dict) -> None:
-        for key, value in row.items():
-            if key != "step":
-                writer.add_scalar(key, value, row["step"])
-        writer.flush()
-
-    return log
+def _metrics(cfg: TrainConfig, data: Dataset, model) -> tuple[dict, torch.Tensor]:
+    """Reconstruction and sparsity over the data (at most EVAL_ROWS streamed), the exact cost where the
+    data are in memory, the recovery of a known dictionary; and each unit's density."""
+    metrics, density = evaluate_stream(model, data.source, max_rows=EVAL_ROWS)
+    if data.x is not None:
+        metrics.update(evaluate(model, data.x))
+    if data.true_atoms is not None:
+        metrics["recovery"] = recovery_score(data.true_atoms, model.W2.t())
+    return metrics, density
 
 
 def _stages(folder: RunFolder, cfg: TrainConfig, data: Dataset, model, progress: bool) -> dict:
@@ -235,25 +292,21 @@ def write_classification(folder: RunFolder, classification) -> dict:
 
 
 def _finish(
-    folder: RunFolder,
-    cfg: TrainConfig,
-    data: Dataset,
-    model,
-    history: list[dict],
-    interrupted: bool,
-    metrics: dict,
-    progress: bool,
+    folder: RunFolder, cfg: TrainConfig, data: Dataset, model, history: list[dict], total: int, progress: bool
 ) -> RunResult:
-    if not interrupted:
-        metrics.update(_stages(folder, cfg, data, model, progress))
+    """The results of a run whose training is done; state.json says finished only once all are written."""
+    folder.save_model(model)
+    metrics, density = _metrics(cfg, data, model)
+    save_density_png(density, folder.file("density.png"))
+    metrics.update(_stages(folder, cfg, data, model, progress))
     folder.write_json(METRICS, metrics)
     initial = folder.load_model(INITIAL, cfg.run.device)
     x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
     corruption = cfg.data.corruption_fn()
     corrupt = None
     if corruption is not None:
-        generator = torch.Generator().manual_seed(cfg.run.seed)
-        corrupt = functools.partial(corruption, generator=generator)
+        corrupt = functools.partial(corruption, generator=torch.Generator().manual_seed(cfg.run.seed))
     pictures = write_pictures(folder.path, model, x, history, data.image_shape, initial, corrupt)
-    written = [folder.file(METRICS), folder.file("weights.safetensors"), *pictures]
-    return RunResult(folder, model, metrics, history, interrupted, written)
+    folder.write_state(total, total, finished=True)
+    written = [folder.file(METRICS), folder.file("weights.safetensors"), folder.file("density.png"), *pictures]
+    return RunResult(folder, model, metrics, history, False, written)

@@ -1,18 +1,21 @@
-"""Training: full-batch L-BFGS (`lbfgs`) and minibatch Adam/SGD (`minibatch`), for any kind.
+"""Training: full-batch L-BFGS (`lbfgs.FullBatch`) and minibatch Adam/SGD (`minibatch.Minibatch`), for any kind.
 
-`fit` trains a model on rows in memory as an `OptimConfig` says. Neither trainer knows the
-command line or run folders: progress shows as a bar, checkpoints are callbacks, and Ctrl-C or
-SIGTERM stops training cleanly, keeping the last accepted parameters.
+Both trainers have one interface: `step`, `total_steps`, `scale`, `state_dict()`, and
+`run(progress, checkpoint, on_row)`. `trainer_for` picks one as an `OptimConfig` says; `fit`
+trains a model on rows in memory. Neither knows the command line or run folders: progress shows
+as a bar, checkpoints and history rows are callbacks, Ctrl-C or SIGTERM stops at the end of a
+step, and a diverging loss raises `saekit.errors.Diverged`.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from ..data import Corruption
+from ..data import Corruption, Dataset
 from ..data.vectors import open_vectors
 from .config import AUTOCAST, OptimConfig
-from .lbfgs import Evaluated, autoencoder_objective, train_lbfgs
+from .lbfgs import Evaluated, FullBatch, autoencoder_objective, train_lbfgs
+from .memory import Estimate, check_fits, estimate
 from .minibatch import Minibatch
 
 
@@ -21,31 +24,40 @@ class FitResult(NamedTuple):
     interrupted: bool
 
 
+def trainer_for(
+    model,
+    data: Dataset,
+    optim: OptimConfig,
+    *,
+    seed: int = 0,
+    corruption: Corruption | None = None,
+    state: dict | None = None,
+    history: list | None = None,
+) -> FullBatch | Minibatch:
+    """The trainer optim asks for: L-BFGS on the rows in memory, or minibatches from the stream."""
+    if optim.full_batch:
+        return FullBatch(model, data.in_memory(), optim, seed=seed, corruption=corruption, state=state, history=history)
+    return Minibatch(model, data.source, optim, seed=seed, corruption=corruption, state=state, history=history)
+
+
 def fit(
     model,
     x: torch.Tensor,
     optim: OptimConfig,
     *,
-    target: torch.Tensor | None = None,
     corruption: Corruption | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> FitResult:
     """Train the model on x (m, n_inputs) in place, as optim says.
 
-    A denoising autoencoder (corruption) reconstructs the clean x from a corrupted copy: L-BFGS
-    corrupts the data once (the objective must stay fixed for its line searches), minibatch
-    training corrupts every batch afresh. With optim.scale_inputs the model trains on scaled
-    inputs, and the scale is folded into its weights at the end, so it takes raw x.
+    A denoising autoencoder (corruption) reconstructs the clean x from a corrupted copy. With
+    optim.scale_inputs the model trains on scaled inputs, and the scale is folded into its weights
+    at the end, so it takes raw x.
     """
-    if optim.full_batch:
-        if corruption is not None:
-            x, target = corruption(x, torch.Generator().manual_seed(seed)), x if target is None else target
-        history, interrupted = train_lbfgs(
-            model.parameters(), autoencoder_objective(model, x, target), optim.max_iter, optim.lbfgs_memory, progress
-        )
-        return FitResult(history, interrupted)
-    trainer = Minibatch(model, open_vectors(x), optim, seed=seed, corruption=corruption)
+    source = open_vectors(x)
+    data = Dataset(x, None, None, f"{source.n} rows", source)
+    trainer = trainer_for(model, data, optim, seed=seed, corruption=corruption)
     history, interrupted = trainer.run(progress)
     model.fold_input_scale_(trainer.scale)
     return FitResult(history, interrupted)
@@ -53,11 +65,16 @@ def fit(
 
 __all__ = [
     "AUTOCAST",
+    "Estimate",
     "Evaluated",
     "FitResult",
+    "FullBatch",
     "Minibatch",
     "OptimConfig",
     "autoencoder_objective",
+    "check_fits",
+    "estimate",
     "fit",
     "train_lbfgs",
+    "trainer_for",
 ]

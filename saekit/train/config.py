@@ -41,7 +41,9 @@ class OptimConfig(Settings):
     log_every: int = 50
     """Minibatch training: steps between rows of history.csv."""
     checkpoint_every: int = 500
-    """Minibatch training: steps between checkpoints (one is also written at the end and on Ctrl-C)."""
+    """Steps (or L-BFGS iterations) between checkpoints; one is also written at the end and on Ctrl-C."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept, newest first: if the newest is damaged, --resume falls back to the one before."""
 
     def problems(self) -> list[str]:
         problems = self.at_least(
@@ -54,6 +56,7 @@ class OptimConfig(Settings):
             "dead_after",
             "log_every",
             "checkpoint_every",
+            "keep_checkpoints",
         ) + self.at_least(0, "steps")
         if not (self.lr > 0 and self.lr < float("inf")):
             problems.append(f"--lr must be a finite number > 0 (got {self.lr})")

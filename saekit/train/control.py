@@ -15,24 +15,33 @@ def progress_bar(total: int, desc: str, show: bool):
 class StepBoundaryStop:
     """Within this block, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step
     (`requested` turns True) instead of breaking it in the middle, so the saved state is always
-    that of a whole step. A second signal raises KeyboardInterrupt at once.
+    that of a whole step. Further signals change nothing: a step is applied whole or not at all,
+    whenever they come. (SIGKILL still ends the process at once; the last checkpoint remains.)
 
-    Outside the main thread, signal handlers cannot be set; Ctrl-C then raises as usual.
+    Blocks nest: an inner one is the outer one (a run keeps signals waiting from its first step
+    to its last checkpoint, across the trainer's own block). Outside the main thread, signal
+    handlers cannot be set; Ctrl-C then raises as usual.
     """
 
-    def __enter__(self):
+    active: "StepBoundaryStop | None" = None  # the outermost block in effect
+
+    def __enter__(self) -> "StepBoundaryStop":
+        outer = StepBoundaryStop.active
+        self.previous: dict = {}
+        if outer is not None:
+            return outer
         self.requested = False
-        self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            StepBoundaryStop.active = self
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
+        if StepBoundaryStop.active is self:
+            StepBoundaryStop.active = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         return False

@@ -10,8 +10,12 @@ Everything needed to continue exactly where it stopped is in `state_dict()`: the
 optimizer's moments, the stream's position, the dead-unit counters, the kind's own training
 statistics and the input scale, so an interrupted run resumed gives the same weights as an
 uninterrupted one. Ctrl-C or SIGTERM stops at the end of the current step.
+
+A step whose loss is not finite, or more than DIVERGENCE_FACTOR times the first step's, raises
+Diverged before the optimizer applies it, so the weights stay those of the step before.
 """
 
+import math
 import time
 from collections.abc import Callable
 
@@ -20,12 +24,14 @@ import torch
 from .. import distributed
 from ..data import Corruption
 from ..data.vectors import VectorStream, geometric_median, mean_and_mean_squared_norm
+from ..errors import Diverged
 from ..kernels.sparse import SparseCodes
 from ..kinds import SparseAutoencoder
 from .config import AUTOCAST, OptimConfig
 from .control import StepBoundaryStop, progress_bar
 
 STATISTICS_ROWS = 65536  # rows read to estimate the input scale and the mean
+DIVERGENCE_FACTOR = 1e6  # a loss this many times the first step's means the run diverged
 # Per-batch sums kept for the history: the loss terms, then squared error, variance, active codes.
 SUMS = ("cost", "reconstruction", "sparsity", "aux", "weight_decay", "squared_error", "variance", "active")
 
@@ -60,6 +66,9 @@ class Minibatch:
         self.total_steps = optim.steps or optim.epochs * self.stream.steps_per_epoch
         self.since_fired = torch.zeros(model.n_hidden, dtype=torch.int64)  # examples since each unit last fired
         self.step, self.scale = 0, 1.0
+        self.first_loss: float | None = None  # the loss of step 1, the yardstick of divergence
+        self.window = torch.zeros(len(SUMS), dtype=torch.float64)  # SUMS since the last history row
+        self.window_examples = 0
         if state is None:
             self._initialise(source)
         else:
@@ -84,6 +93,9 @@ class Minibatch:
         return {
             "step": self.step,
             "scale": self.scale,
+            "first_loss": self.first_loss,
+            "window": self.window.clone(),
+            "window_examples": self.window_examples,
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream.state_dict(),
             "since_fired": self.since_fired.clone(),
@@ -91,7 +103,9 @@ class Minibatch:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.scale = state["step"], state["scale"]
+        self.step, self.scale, self.first_loss = state["step"], state["scale"], state["first_loss"]
+        self.window.copy_(state["window"])
+        self.window_examples = state["window_examples"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         self.since_fired.copy_(state["since_fired"])
@@ -105,6 +119,7 @@ class Minibatch:
         """One optimisation step; returns this process's sums for the history (see SUMS) and which units fired."""
         model, optim = self.model, self.optim
         out = model.compute_gradients(x_in, y, dead=self.dead().to(y.device), autocast=AUTOCAST[optim.autocast])
+        self._check_loss(out.terms.total)
         distributed.average_gradients(list(model.parameters()))
         if optim.normalize_decoder:
             model.remove_parallel_gradient_()
@@ -112,6 +127,21 @@ class Minibatch:
         if optim.normalize_decoder:
             model.normalize_decoder_()
         return self._sums(out.terms, out.codes, y)
+
+    def _check_loss(self, loss: float) -> None:
+        """Raise Diverged where this step's loss shows the run diverged (every process agrees)."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        bound = DIVERGENCE_FACTOR * max(abs(self.first_loss), 1e-30)
+        diverged = not math.isfinite(loss) or loss > bound
+        if distributed.any_true(diverged):
+            why = (
+                "is not finite" if not math.isfinite(loss) else f"is over {DIVERGENCE_FACTOR:g} times the first step's"
+            )
+            raise Diverged(
+                f"training diverged at step {self.step + 1}: the loss {loss:.4g} {why}; the learning rate "
+                f"(--lr {self.optim.lr:g}) or a penalty weight is likely too large: start again with a smaller one"
+            )
 
     @torch.no_grad()
     def _sums(self, terms, h, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +177,8 @@ class Minibatch:
         optim, model = self.optim, self.model
         world = distributed.world_size()
         generator = torch.Generator()
-        started, interrupted = time.perf_counter(), False
-        window = torch.zeros(len(SUMS), dtype=torch.float64)
-        examples_in_window, window_started = 0, time.perf_counter()
+        started = time.perf_counter()
+        window_started = time.perf_counter()
         if optim.normalize_decoder and self.step == 0:
             model.normalize_decoder_()
         model.train()
@@ -157,42 +186,41 @@ class Minibatch:
         show = progress and distributed.is_main()
         with progress_bar(self.total_steps, optim.optimizer, show) as bar, StepBoundaryStop() as stop:
             bar.update(self.step)
-            try:
-                while self.step < self.total_steps and not stop.requested:
-                    y = next(batches).to(model.W1.device) * self.scale
-                    x_in = y
-                    if self.corruption is not None:
-                        # The corruption of the whole global batch is drawn from (seed, step), and each
-                        # process takes its rows: N processes corrupt exactly as one does.
-                        generator.manual_seed(self.seed * 1_000_003 + self.step)
-                        x_in = self.corruption(y, generator, distributed.rank(), world)
-                    sums, fired = self._step(x_in, y)
-                    fired = distributed.all_reduce_sum(fired.to(torch.int64)).cpu() > 0
-                    self.since_fired += y.shape[0] * world
-                    self.since_fired[fired] = 0
-                    self.step += 1
-                    window += distributed.all_reduce_sum(sums).cpu()
-                    examples_in_window += y.shape[0] * world
-                    bar.update(1)
-                    if self.step % optim.log_every == 0 or self.step == self.total_steps:
-                        row = self._row(window, examples_in_window, time.perf_counter() - window_started, started)
-                        self.history.append(row)
-                        if on_row is not None:
-                            on_row(row)
-                        bar.set_postfix(
-                            cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False
-                        )
-                        window.zero_()
-                        examples_in_window, window_started = 0, time.perf_counter()
-                    if checkpoint is not None and self.step % optim.checkpoint_every == 0:
-                        checkpoint()
-            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
-                interrupted = True
+            while self.step < self.total_steps and not stop.requested:
+                y = next(batches).to(model.W1.device) * self.scale
+                x_in = y
+                if self.corruption is not None:
+                    # The corruption of the whole global batch is drawn from (seed, step), and each
+                    # process takes its rows: N processes corrupt exactly as one does.
+                    generator.manual_seed(self.seed * 1_000_003 + self.step)
+                    x_in = self.corruption(y, generator, distributed.rank(), world)
+                sums, fired = self._step(x_in, y)
+                fired = distributed.all_reduce_sum(fired.to(torch.int64)).cpu() > 0
+                self.since_fired += y.shape[0] * world
+                self.since_fired[fired] = 0
+                self.step += 1
+                self.window += distributed.all_reduce_sum(sums).cpu()
+                self.window_examples += y.shape[0] * world
+                bar.update(1)
+                if self.step % optim.log_every == 0 or self.step == self.total_steps:
+                    row = self._row(time.perf_counter() - window_started, started)
+                    self.history.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                    bar.set_postfix(
+                        cost=f"{row['cost']:.5g}", fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", refresh=False
+                    )
+                    self.window.zero_()
+                    self.window_examples, window_started = 0, time.perf_counter()
+                if checkpoint is not None and self.step % optim.checkpoint_every == 0:
+                    checkpoint()
         model.eval()
-        return self.history, interrupted or stop.requested
+        return self.history, stop.requested
 
-    def _row(self, window, n, seconds, started) -> dict:
-        total, reconstruction, sparsity, aux, decay, squared_error, variance, active = window.tolist()
+    def _row(self, seconds: float, started: float) -> dict:
+        """The history row of the steps since the last one."""
+        n = self.window_examples
+        total, reconstruction, sparsity, aux, decay, squared_error, variance, active = self.window.tolist()
         row = {
             "step": self.step,
             "cost": total / n,
