@@ -46,7 +46,8 @@ What is measured, identically for every row:
 
 THE INTERFACE for other scripts (e.g. saekit's own trainer, added by a separate script):
 
-Data file: a .npy of float32, shape (n_rows, d), C order. Rows [0, n_rows - heldout) train,
+Data file: a .npy of float32, shape (n_rows, d), C order. Rows [0, n_train) train (n_train =
+--train-rows, default n_rows - heldout),
 in order: batch i (0-based) holds rows (i*batch + j) mod n_train for j in [0, batch). Rows
 [n_rows - heldout, n_rows) are the held-out set for the FVU. `--make-data PATH` writes
 n_rows x d (default 200,000 x 512) from a fixed seed with numpy alone: a random dictionary of
@@ -57,7 +58,9 @@ noise of standard deviation 0.05 per feature.
 JSON (--json OUT.json): {"config": {"data", "n_rows", "d", "heldout", "width", "k", "batch",
 "steps", "threads", "torch", "python", "cpu"}, "results": [row, ...]}; each row has
 "name", "version" (package version, or null), "samples_per_s" and "fvu" (floats, or null
-where it failed), "steps" (optimizer steps run), "notes" (optimizer, lr, deviations from the
+where it failed), "l0" and "dead_fraction" (the codes' mean count of positive values per
+held-out row, and the share of units never positive on them), "peak_rss_mb" (the process's
+largest resident memory), "steps" (optimizer steps run), "notes" (optimizer, lr, deviations from the
 defaults, or why it failed, and a warning where the machine was busy), plus
 "samples_per_s_mean", "samples_per_cpu_s" (batch / the median process CPU seconds of a
 step, all threads), "timed_steps" and "seconds" (the timing window) and "load_avg" (the
@@ -71,6 +74,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -109,12 +113,14 @@ def make_data(path, n_rows=200_000, d=512, n_atoms=16_384, active=32, seed=0):
     os.replace(tmp.name, path)
 
 
-def load_split(path, heldout):
-    """(X_train, X_heldout) float32 torch tensors, (n_rows - heldout, d) and (heldout, d)."""
+def load_split(path, heldout, train_rows=None):
+    """(X_train, X_heldout) float32 torch tensors: the first train_rows rows (all but the held-out ones
+    if None), and the last heldout rows."""
     X = np.load(path, mmap_mode="r")
     if X.dtype != np.float32 or X.ndim != 2 or X.shape[0] <= heldout:
         sys.exit(f"{path}: need float32 rows (n, d) with n > --heldout {heldout}, got {X.dtype} {X.shape}")
-    return torch.from_numpy(np.array(X[:-heldout])), torch.from_numpy(np.array(X[-heldout:]))
+    n_train = len(X) - heldout if train_rows is None else min(train_rows, len(X) - heldout)
+    return torch.from_numpy(np.array(X[:n_train])), torch.from_numpy(np.array(X[-heldout:]))
 
 
 def batch_index(i, batch, n_train):
@@ -173,10 +179,27 @@ def fvu(reconstruct, X, chunk=2048):
     return err / var
 
 
+@torch.no_grad()
+def sparsity(codes, X, width, chunk=2048):
+    """(l0: mean number of positive codes per row, dead_fraction: share of the width never positive) over X."""
+    fired = torch.zeros(width, dtype=torch.bool)
+    active = 0.0
+    for start in range(0, len(X), chunk):
+        positive = codes(X[start : start + chunk]) > 0
+        active += positive.sum().item()
+        fired |= positive.any(0)
+    return active / len(X), 1.0 - fired.double().mean().item()
+
+
+def peak_rss_mb() -> float:
+    """This process's largest resident set so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # ----------------------------------------------------------------------------- the trainers
-# Each takes (X_train, args, workdir), trains, and returns (reconstruct, notes, version);
-# `reconstruct` maps rows (b, d) to the trained model's x_hat (b, d); workdir is a scratch
-# folder for the checkpoints the libraries write, removed afterwards.
+# Each takes (X_train, args, workdir), trains, and returns (reconstruct, codes, notes, version);
+# `reconstruct` maps rows (b, d) to the trained model's x_hat (b, d), `codes` to its dense codes
+# (b, width); workdir is a scratch folder for the checkpoints the libraries write, removed afterwards.
 
 
 class ReplayModel(nn.Module):
@@ -244,7 +267,12 @@ def train_sparsify(X_train, args, workdir):
         f"fed by a row-replay stand-in model (seq={seq}); "
         f"float32_matmul_precision={torch.get_float32_matmul_precision()} (set by fit)"
     )
-    return (lambda x: sae(x).sae_out), notes, importlib.metadata.version("eai-sparsify")
+
+    def codes(x):
+        encoded = sae.encode(x)
+        return torch.zeros(len(x), args.width).scatter_(1, encoded.top_indices, encoded.top_acts)
+
+    return (lambda x: sae(x).sae_out), codes, notes, importlib.metadata.version("eai-sparsify")
 
 
 def train_saelens(X_train, args, workdir):
@@ -258,7 +286,7 @@ def train_saelens(X_train, args, workdir):
     trainer.fit()
     sae.eval()
     notes = f"SAETrainer + TopKTrainingSAE, Adam lr={cfg.lr:.2e} constant, lr_end=lr/10 set"
-    return (lambda x: sae(x)), notes, importlib.metadata.version("sae-lens")
+    return (lambda x: sae(x)), sae.encode, notes, importlib.metadata.version("sae-lens")
 
 
 def train_dictionary_learning(X_train, args, workdir):
@@ -283,7 +311,7 @@ def train_dictionary_learning(X_train, args, workdir):
     with open(os.path.join(workdir, "trainer_0", "config.json")) as f:
         lr = json.load(f)["trainer"]["lr"]
     notes = f"trainSAE + TopKTrainer/AutoEncoderTopK, Adam lr={lr:.2e}, warmup_steps=0 (default 1000 >= steps asserts)"
-    return ae, notes, importlib.metadata.version("dictionary-learning")
+    return ae, ae.encode, notes, importlib.metadata.version("dictionary-learning")
 
 
 def train_plain_torch_dense(X_train, args, workdir):
@@ -297,11 +325,13 @@ def train_plain_torch_dense(X_train, args, workdir):
     lr = 2e-4 / (args.width / 2**14) ** 0.5
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=lr)
 
-    def reconstruct(x):
+    def codes(x):
         pre = torch.relu((x - b_dec) @ W_enc + b_enc)  # (b, n)
         values, indices = pre.topk(args.k, dim=1, sorted=False)
-        codes = torch.zeros_like(pre).scatter_(1, indices, values)
-        return codes @ W_dec + b_dec
+        return torch.zeros_like(pre).scatter_(1, indices, values)
+
+    def reconstruct(x):
+        return codes(x) @ W_dec + b_dec
 
     for i, x in enumerate(batches(X_train, args.steps, args.batch)):
         if i == 0:
@@ -314,7 +344,7 @@ def train_plain_torch_dense(X_train, args, workdir):
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
     notes = f"reference: dense codes, Adam lr={lr:.2e}, FVU loss, unit-norm decoder rows"
-    return reconstruct, notes, None
+    return reconstruct, codes, notes, None
 
 
 TRAINERS = {
@@ -331,21 +361,25 @@ TRAINERS = {
 def run_one(name, args):
     """Train one peer in this process and return its JSON row."""
     torch.set_num_threads(args.threads)
-    X_train, X_heldout = load_split(args.data, args.heldout)
+    X_train, X_heldout = load_split(args.data, args.heldout, args.train_rows)
     if X_train.shape[1] != args.d:
         sys.exit(f"--d {args.d} but {args.data} has rows of {X_train.shape[1]} features")
     load_before = os.getloadavg()[0]
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
-        reconstruct, notes, version = TRAINERS[name](X_train, args, workdir)
+        reconstruct, codes, notes, version = TRAINERS[name](X_train, args, workdir)
     timing = clock.result(args.batch)
     load = [load_before, os.getloadavg()[0]]
     if max(load) > os.cpu_count():
         notes += f"; machine busy: 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores"
+    l0, dead = sparsity(codes, X_heldout, args.width)
     return {
         "name": name,
         "version": version,
         "fvu": fvu(reconstruct, X_heldout),
+        "l0": l0,
+        "dead_fraction": dead,
+        "peak_rss_mb": peak_rss_mb(),
         "steps": timing["timed_steps"] + 1,
         "notes": notes,
         **timing,
@@ -358,8 +392,9 @@ def run_child(name, args):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         argv = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-out", out]
-        for key in ("data", "width", "k", "d", "steps", "batch", "heldout", "threads"):
-            argv += [f"--{key}", str(getattr(args, key))]
+        for key in ("data", "width", "k", "d", "steps", "batch", "heldout", "threads", "train_rows"):
+            if getattr(args, key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         log = os.path.join(tmp, "log.txt")
         try:
             with open(log, "w") as f:
@@ -378,6 +413,9 @@ def run_child(name, args):
             "version": package_version(name),
             "samples_per_s": None,
             "fvu": None,
+            "l0": None,
+            "dead_fraction": None,
+            "peak_rss_mb": None,
             "steps": 0,
             "notes": f"failed ({rc}): {last[0]}",
             "samples_per_s_mean": None,
@@ -437,6 +475,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--heldout", type=int, default=8192, help="last rows of the file, for the FVU")
+    p.add_argument("--train-rows", type=int, help="train on the first rows only (default: all but the held-out)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peers", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS))
     p.add_argument("--timeout", type=int, default=900, help="seconds per peer")

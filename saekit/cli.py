@@ -7,8 +7,11 @@
     saekit presets               the presets and what they change
     saekit classify RUN          a classifier on a trained run's codes
     saekit eval RUN --data PATH  metrics of a trained dictionary on other data
+    saekit eval RUN --model M --text PATH --layer L   the dictionary spliced into its model
     saekit harvest ...           a transformer layer's activations over text files, as shards
-    saekit export RUN --out DIR  the dictionary in SAELens's format; `saekit import DIR` reads one
+    saekit browse RUN --data HARVEST --out DIR   a static site of what each feature responds to
+    saekit export RUN --out DIR  the dictionary in SAELens's (or sparsify's, dictionary_learning's) format
+    saekit import FOLDER         a dictionary in one of those formats, as a saekit run folder
 
 Every setting of `saekit train` is an option generated from the settings dataclasses (their
 field docstrings are the help). A mistake the user can fix prints one line `saekit: error: ...`
@@ -32,14 +35,17 @@ from .data import load_training_data
 from .data.harvest import DOCUMENTS, DTYPES, harvest
 from .data.vectors import open_vectors
 from .errors import UserError
-from .eval import evaluate_stream
+from .eval import evaluate_stream, spliced_eval
 from .files import os_error_message
-from .interop.saelens import export_run, import_run
+from .interop import FORMATS, export_run, import_run
 from .kinds import KINDS
 from .presets import PRESETS
 from .run import RESUMABLE, Interrupted, RunFolder, resume_run, train_run, write_classification
 from .run.folder import EVAL
+from .run.sweep import is_sweep, parse_sweep, resume_sweep, sweep_configs, train_sweep
 from .settings import dashed, field_docs, value_type
+from .train.control import STOP_SIGNALS
+from .viz.browser import browse
 from .viz.report import save_density_png
 
 GRADCHECK_TOLERANCE = 1e-9
@@ -150,6 +156,41 @@ def _settings(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def add_reading_arguments(parser, required: bool) -> None:
+    """The options of reading text through a transformer (harvest, spliced evaluation)."""
+    parser.add_argument(
+        "--model",
+        required=required,
+        metavar="FOLDER_OR_PACKAGE",
+        help="model folder (save_pretrained layout) or installed package that ships one",
+    )
+    parser.add_argument(
+        "--text", required=required, nargs="+", metavar="PATH", help="text files, or folders of *.txt files"
+    )
+    parser.add_argument("--layer", type=int, help="hidden_states index: 0 = embeddings, L = output of block L")
+    parser.add_argument("--hook-module", metavar="NAME", help="the output of this module instead (e.g. h.3.mlp)")
+    parser.add_argument("--context-length", type=int, default=128, help="tokens per window at most (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
+    parser.add_argument("--max-tokens", type=int, help="stop after this many text tokens (default: all the text)")
+    parser.add_argument(
+        "--document",
+        choices=DOCUMENTS,
+        default="line",
+        help="one document per non-blank line or per file (default: line)",
+    )
+    parser.add_argument("--drop-first", action="store_true", help="leave out the first token of every window")
+    parser.add_argument(
+        "--keep-special", action="store_true", help="keep the special tokens (BOS, CLS, SEP, EOS; left out by default)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+
+
+def _reading(args) -> dict:
+    """The reading options as keyword arguments of harvest and spliced_eval."""
+    names = ("layer", "hook_module", "context_length", "batch_size", "max_tokens", "document", "keep_special")
+    return {name: getattr(args, name) for name in (*names, "drop_first", "device")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="saekit", description="Sparse autoencoders: train, check, and look at what they learn.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -172,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{', '.join('--' + dashed(n) for n in RESUMABLE)} may change)",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--sweep",
+        action="append",
+        metavar="NAME=V1,V2",
+        help="train one dictionary per value (per combination, when repeated) on the same batches, in one pass "
+        "over the data, each into a run folder under --out, with summary.json and frontier.png; model and "
+        "optimisation settings only, e.g. --sweep k=16,32,64 --sweep lr=1e-3,3e-3",
+    )
     add_settings_arguments(train)
 
     check = sub.add_parser(
@@ -210,14 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="metrics of a trained dictionary on a data set",
+        help="metrics of a trained dictionary on a data set, or spliced into its model",
         description="Print and save (RUN/eval.json, RUN/eval_density.png) the MSE, FVU, L0, dead "
-        "fraction, feature density and decoder norms of RUN's dictionary on vectors from --data.",
+        "fraction, feature density and decoder norms of RUN's dictionary on vectors from --data; or, "
+        "with --model, --text and --layer (or --hook-module), run the model over the text with the "
+        "layer's output replaced by the dictionary's reconstruction, by zeros and by the mean, and "
+        "report the cross-entropy and KL scores (causal language models) or the cosine of the pooled "
+        "outputs (sentence encoders) with the same metrics on the same tokens.",
     )
     ev.add_argument("run", metavar="RUN", help="a run folder")
-    ev.add_argument("--data", required=True, metavar="PATH", help=".npy or .safetensors file, or a folder of shards")
+    ev.add_argument("--data", metavar="PATH", help=".npy or .safetensors file, or a folder of shards")
     ev.add_argument("--data-key", metavar="KEY", help="tensor name in .safetensors files")
     ev.add_argument("--max-rows", type=int, default=None, help="use only the first rows (default: all)")
+    add_reading_arguments(ev.add_argument_group("spliced evaluation"), required=False)
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     hv = sub.add_parser(
         "harvest",
@@ -225,52 +280,65 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Hugging Face transformers model (offline) over text files and save "
         "one layer's activations as .safetensors shards that `saekit train --data` streams.",
     )
-    hv.add_argument(
-        "--model",
-        required=True,
-        metavar="FOLDER_OR_PACKAGE",
-        help="model folder (save_pretrained layout) or installed package that ships one",
-    )
-    hv.add_argument(
-        "--text", required=True, nargs="+", metavar="PATH", help="text files, or folders searched recursively for *.txt"
-    )
+    add_reading_arguments(hv, required=True)
     hv.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and harvest.json")
-    hv.add_argument("--layer", type=int, help="hidden_states index: 0 = embeddings, L = output of block L")
-    hv.add_argument("--hook-module", metavar="NAME", help="capture this module's output instead (e.g. h.3.mlp)")
-    hv.add_argument("--context-length", type=int, default=128, help="tokens per window at most (default: 128)")
-    hv.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
-    hv.add_argument("--max-tokens", type=int, help="stop after this many activation rows (default: all the text)")
     hv.add_argument("--shard-size", type=int, default=65536, help="rows per shard file (default: 65536)")
     hv.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype (default: float32)")
     hv.add_argument(
-        "--document",
-        choices=DOCUMENTS,
-        default="line",
-        help="one document per non-blank line or per file (default: line)",
+        "--drop-outliers",
+        type=float,
+        metavar="FACTOR",
+        help="drop rows whose norm exceeds FACTOR x the median norm (attention sinks; counted in harvest.json)",
     )
-    hv.add_argument("--drop-first", action="store_true", help="drop the first token (BOS/[CLS]) of every window")
-    hv.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     hv.add_argument("--overwrite", action="store_true", help="replace a finished harvest in --out")
     hv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    br = sub.add_parser(
+        "browse",
+        help="write a static site that shows what each feature responds to",
+        description="Write a feature browser for RUN's dictionary over the harvest it was trained on: an "
+        "index of every feature and a page per feature with its top activating contexts, contexts from "
+        "several quantiles, its nearest features and (with --model) the logits it raises and lowers. "
+        "The site opens from the file system: open DIR/index.html.",
+    )
+    br.add_argument("run", metavar="RUN", help="a run folder")
+    br.add_argument("--data", required=True, metavar="HARVEST", help="the folder `saekit harvest` wrote")
+    br.add_argument("--out", required=True, metavar="DIR", help="folder for the site (a site there is replaced)")
+    br.add_argument(
+        "--model", metavar="FOLDER_OR_PACKAGE", help="the causal language model, for the logits each atom moves"
+    )
+    br.add_argument("--max-rows", type=int, help="use only the first rows of the harvest (default: all)")
+    br.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once (default: 4096)")
+    br.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    formats = ", ".join(f"{f.name} ({f.settings} + {f.weights})" for f in FORMATS.values())
     ex = sub.add_parser(
         "export",
-        help="write a run's dictionary in SAELens's format",
-        description="Write RUN's dictionary as a SAELens folder (cfg.json + sae_weights.safetensors).",
+        help="write a run's dictionary in SAELens's, sparsify's or dictionary_learning's format",
+        description=f"Write RUN's dictionary as another library saves one: {formats}.",
     )
     ex.add_argument("run", metavar="RUN", help="a saekit run folder (its weights.safetensors)")
-    ex.add_argument("--out", required=True, metavar="DIR", help="folder for cfg.json and sae_weights.safetensors")
-    ex.add_argument("--model-name", help="metadata.model_name: the model the activations came from")
-    ex.add_argument("--hook-name", help="metadata.hook_name: where they came from, e.g. blocks.3.hook_resid_post")
-    ex.add_argument("--overwrite", action="store_true", help="replace a SAELens SAE already in --out")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder for the dictionary's files")
+    ex.add_argument("--format", choices=list(FORMATS), default="saelens", help="whose format (default: saelens)")
+    ex.add_argument(
+        "--model-name",
+        help="the model the activations came from (SAELens: metadata.model_name; dictionary-learning: lm_name)",
+    )
+    ex.add_argument(
+        "--hook-name",
+        help="where they came from, e.g. blocks.3.hook_resid_post (SAELens: metadata.hook_name; "
+        "dictionary-learning: submodule_name; sparsify: the folder DIR/HOOK_NAME)",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace a dictionary already in --out")
 
     im = sub.add_parser(
         "import",
-        help="make a saekit run folder from a SAELens dictionary",
-        description="Read a SAELens folder (cfg.json + sae_weights.safetensors) into a saekit run folder.",
+        help="make a saekit run folder from a SAELens, sparsify or dictionary_learning dictionary",
+        description=f"Read another library's dictionary folder into a saekit run folder: {formats}.",
     )
-    im.add_argument("folder", metavar="FOLDER", help="a SAELens SAE folder (cfg.json, sae_weights.safetensors)")
-    im.add_argument("--out", metavar="DIR", help="run folder to write (default: runs/saelens-<time>)")
+    im.add_argument("folder", metavar="FOLDER", help="the dictionary's folder (one hook point's, one trainer's)")
+    im.add_argument("--format", choices=list(FORMATS), help="whose format (default: what the folder's files say)")
+    im.add_argument("--out", metavar="DIR", help="run folder to write (default: runs/<format>-<time>)")
     return parser
 
 
@@ -284,6 +352,7 @@ def main(argv=None) -> int:
         "eval": cmd_eval,
         "classify": cmd_classify,
         "harvest": cmd_harvest,
+        "browse": cmd_browse,
         "export": cmd_export,
         "import": cmd_import,
     }
@@ -326,23 +395,49 @@ def cmd_train(args) -> int:
     # Under torchrun, join the other processes first: only the first one writes the run folder.
     distributed.init_from_environment(settings.get("device", "cpu"))
     try:
-        if args.resume:
-            result = resume_run(args.resume, settings, progress=not args.no_progress)
-        else:
-            preset = args.preset or "ufldl-patches"
-            cfg = build_config(preset, args.config, settings)
-            result = train_run(cfg, args.out, preset=preset, command=args.argv, progress=not args.no_progress)
+        code = _train(args, settings)
     except BaseException:
         distributed.shutdown(None)
         raise
-    code = _report(result) if distributed.is_main() else 0
     distributed.shutdown(code)
     return code
 
 
+def _train(args, settings: dict) -> int:
+    progress, preset = not args.no_progress, args.preset or "ufldl-patches"
+    if args.resume and is_sweep(args.resume):
+        if settings or args.sweep:
+            raise UserError("--resume continues a sweep with its members' own settings; give no other settings.")
+        return _report_sweep(resume_sweep(args.resume, progress=progress))
+    if args.resume:
+        result = resume_run(args.resume, settings, progress=progress)
+    elif args.sweep:
+        members = sweep_configs(preset, args.config, settings, parse_sweep(args.sweep))
+        return _report_sweep(train_sweep(members, args.out, preset=preset, command=args.argv, progress=progress))
+    else:
+        result = train_run(
+            build_config(preset, args.config, settings), args.out, preset=preset, command=args.argv, progress=progress
+        )
+    return _report(result) if distributed.is_main() else 0
+
+
+def _report_sweep(result) -> int:
+    if not distributed.is_main():
+        return 0
+    if result.interrupted:
+        return _report(result)
+    for member in result.members:
+        print(
+            f"{member.folder.path.name}: "
+            + ", ".join(f"{k} {member.metrics[k]:.4g}" for k in REPORTED if k in member.metrics)
+        )
+    print("wrote " + ", ".join(map(str, result.written)))
+    return 0
+
+
 def _report(result) -> int:
     if result.interrupted:
-        for s in (signal.SIGINT, signal.SIGTERM):  # the run is saved: a further Ctrl-C has nothing left to stop
+        for s in STOP_SIGNALS:  # the run is saved: a further Ctrl-C has nothing left to stop
             signal.signal(s, signal.SIG_IGN)
         print(f"interrupted at a checkpoint; continue with: saekit train --resume {result.folder}", file=sys.stderr)
         return 130
@@ -381,21 +476,30 @@ def cmd_classify(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if (args.data is None) == (args.model is None):
+        raise UserError("give --data (vectors) or --model with --text and --layer (spliced evaluation), not both.")
     if args.max_rows is not None and args.max_rows < 1:
         raise UserError(f"--max-rows must be a whole number >= 1 (got {args.max_rows}); leave it out for all rows.")
     folder = RunFolder(args.run)
     model = folder.load_model()
-    source = open_vectors(args.data, args.data_key)
-    if source.d != model.n_inputs:
-        raise UserError(
-            f"{args.data} holds vectors of {source.d}, but the dictionary in {args.run} takes {model.n_inputs}."
-        )
-    metrics, density = evaluate_stream(model, source, max_rows=args.max_rows)
-    metrics["data"] = str(args.data)
+    if args.model is not None:
+        if args.text is None:
+            raise UserError("spliced evaluation reads text: give --text with text files or folders.")
+        metrics, density = spliced_eval(model, args.model, args.text, **_reading(args), progress=not args.no_progress)
+    else:
+        source = open_vectors(args.data, args.data_key)
+        if source.d != model.n_inputs:
+            raise UserError(
+                f"{args.data} holds vectors of {source.d}, but the dictionary in {args.run} takes {model.n_inputs}."
+            )
+        metrics, density = evaluate_stream(model, source, max_rows=args.max_rows)
+        metrics["data"] = str(args.data)
     folder.write_json(EVAL, metrics)
     save_density_png(density, folder.file("eval_density.png"))
     for key, value in metrics.items():
-        print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+        if isinstance(value, list):  # the text files: their number and the first
+            value = f"{len(value)} files ({value[0]}{', ...' if len(value) > 1 else ''})"
+        print(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(f"wrote {folder.file(EVAL)}, {folder.file('eval_density.png')}")
     return 0
 
@@ -405,16 +509,10 @@ def cmd_harvest(args) -> int:
         args.model,
         args.text,
         args.out,
-        layer=args.layer,
-        hook_module=args.hook_module,
-        context_length=args.context_length,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
+        **_reading(args),
         shard_size=args.shard_size,
         dtype=args.dtype,
-        document=args.document,
-        drop_first=args.drop_first,
-        device=args.device,
+        drop_outliers=args.drop_outliers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -427,16 +525,33 @@ def cmd_harvest(args) -> int:
     return 0
 
 
+def cmd_browse(args) -> int:
+    site = browse(
+        args.run,
+        args.data,
+        args.out,
+        model=args.model,
+        batch_size=args.batch_size,
+        max_rows=args.max_rows,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote the browser of {site['n_features']} features over {site['n_rows']} tokens to {args.out} "
+        f"({site['bytes'] / 1e6:.1f} MB, {site['seconds']:.0f} s); open {os.path.join(args.out, 'index.html')}"
+    )
+    return 0
+
+
 def cmd_export(args) -> int:
     info = {key: value for key, value in (("model_name", args.model_name), ("hook_name", args.hook_name)) if value}
-    model, folder = export_run(args.run, args.out, overwrite=args.overwrite, **info)
-    print(f"wrote {model.describe()} as a SAELens {model.saelens_architecture!r} SAE to {folder}")
+    model, folder = export_run(args.run, args.out, args.format, overwrite=args.overwrite, **info)
+    print(f"wrote {model.describe()} as {FORMATS[args.format].describe(model)} to {folder}")
     return 0
 
 
 def cmd_import(args) -> int:
-    model, run = import_run(args.folder, args.out)
-    print(f"imported {model.describe()} from {args.folder} into {run}")
+    model, run, fmt = import_run(args.folder, args.out, args.format)
+    print(f"imported {model.describe()} from the {fmt.title} folder {args.folder} into {run}")
     return 0
 
 

@@ -12,7 +12,8 @@ class Preset(NamedTuple):
 
 _MNIST = {"data": "mnist", "n_examples": 10000, "n_hidden": 196, "rho": 0.1, "weight_decay": 3e-3, "beta": 3.0}
 # Modern dictionaries: linear output, decoder bias subtracted before encoding and initialised at the
-# geometric median, tied unit-norm decoder, inputs scaled to unit mean squared norm, Adam.
+# geometric median, tied unit-norm decoder, inputs scaled to unit mean squared norm, Adam (at the
+# kind's learning rate: for the TopK family, scaled with the width; 1e-3 for the others).
 # By default they train on synthetic data with a known dictionary; give --data PATH for yours.
 _MODERN = {
     "data": "synthetic",
@@ -23,7 +24,6 @@ _MODERN = {
     "output": "linear",
     "weight_decay": 0.0,
     "optimizer": "adam",
-    "lr": 1e-3,
     "batch_size": 4096,
     "epochs": 10,
     "dtype": "float32",
@@ -36,6 +36,10 @@ _MODERN = {
     "log_every": 10,
     "dead_after": 1_000_000,
 }
+
+# The TopK family's recipe, chosen on MiniLM activations (README, "The default recipe"): AuxK over 512
+# units, a unit counted dead after 4,096 examples without firing; the learning rate is the kind's rule.
+_TOPK_RECIPE = {"aux_k": 512, "dead_after": 4096}
 
 PRESETS: dict[str, Preset] = {
     "ufldl-patches": Preset(
@@ -97,11 +101,16 @@ PRESETS: dict[str, Preset] = {
     ),
     "topk": Preset(
         "A TopK dictionary (k per example), AuxK for dead units; synthetic data unless --data PATH.",
-        {**_MODERN, "kind": "topk", "k": 8, "aux_k": 64},
+        {**_MODERN, **_TOPK_RECIPE, "kind": "topk", "k": 8},
     ),
     "batchtopk": Preset(
         "A BatchTopK dictionary (k per example on average over the batch), AuxK; synthetic data unless --data PATH.",
-        {**_MODERN, "kind": "batchtopk", "k": 8, "aux_k": 64},
+        {**_MODERN, **_TOPK_RECIPE, "kind": "batchtopk", "k": 8},
+    ),
+    "matryoshka": Preset(
+        "A Matryoshka BatchTopK dictionary: nested prefixes of 32, 128 and 512 units each learn to reconstruct, so "
+        "general features are not absorbed into specific ones; AuxK; synthetic data unless --data PATH.",
+        {**_MODERN, **_TOPK_RECIPE, "kind": "matryoshka", "k": 8, "matryoshka_prefixes": "32,128"},
     ),
     "jumprelu": Preset(
         "A JumpReLU dictionary: learned thresholds, L0 penalty through a straight-through estimator.",

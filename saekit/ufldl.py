@@ -19,7 +19,7 @@ from .data.images import natural_image_patches
 from .errors import UserError
 from .kernels import classic
 from .kinds.penalties import kl_term
-from .viz.pictures import save_png, tile_filters
+from .viz.pictures import save_png, tile_filters, upscale
 
 _workspace = None  # reused buffers of the last problem shape (see classic.Workspace)
 
@@ -122,13 +122,19 @@ def sample_images(num_patches: int = 10000, patch_size: int = 8, seed: int = 0, 
     return np.asfortranarray(patches.T)
 
 
-def display_network(A, filename: str | None = "weights.png", scale_each: bool = True) -> np.ndarray:
+def display_network(
+    A, filename: str | None = "weights.png", scale_each: bool = True, min_size: int = 512
+) -> np.ndarray:
     """UFLDL's display_network: the columns of A (pixels, n_filters) as tiles; saves a PNG when filename is given.
 
     Each filter is scaled by its own largest absolute value (grey is 0), pixels column-major.
-    Call it as the exercise does: display_network(W1.T).
+    Returns the grid at one pixel per weight, like display_network's `array` (25 filters of 8x8:
+    46x46 with the 1-pixel borders). The PNG is that grid enlarged by a whole factor, each weight
+    a square block, to at least min_size pixels on a side (552x552 for 25 filters of 8x8), as
+    MATLAB's imagesc shows it enlarged in its figure window. Call it as the exercise does:
+    display_network(W1.T).
     """
     image = tile_filters(np.asarray(A).T, scale_each=scale_each, order="F")
     if filename is not None:
-        save_png(image, filename)
+        save_png(upscale(image, min_size), filename)
     return image

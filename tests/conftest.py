@@ -7,10 +7,21 @@ autograd. It is the yardstick; nothing in it comes from saekit.
 
 import dataclasses
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Put Ctrl-C and SIGTERM back after each test: an interrupted CLI run ignores them from then on
+    (saekit.cli._report, right for a process about to exit), which would leak into later tests."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def run_cli(argv):
@@ -96,3 +107,28 @@ def make_model(
     known = {f.name for f in dataclasses.fields(KINDS[kind].Config)}
     settings = {name: value for name, value in settings.items() if name in known}
     return build(config(kind, n_hidden=n_hidden, output=output, **settings), n_inputs, dtype=dtype, seed=seed)
+
+
+def word_tokenizer(words, template: str = "[BOS] $A", **roles):
+    """A fast tokenizer, built offline, that splits on whitespace and knows `words`: ids 0 [PAD], 1 [UNK],
+    then the special tokens of `roles` (e.g. bos_token="[BOS]", or cls_token and sep_token for
+    template "[CLS] $A [SEP]"), then the words. (transformers' tokenizer, raw tokenizers.Tokenizer)"""
+    import tokenizers
+    import transformers
+
+    roles = roles or {"bos_token": "[BOS]"}
+    vocabulary = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *roles.values(), *words])}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="[UNK]"))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = tokenizers.processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocabulary[t]) for t in roles.values()]
+    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", **roles)
+    return fast, raw
+
+
+def word_documents(words, n: int, shortest: int, longest: int, seed: int = 0) -> list[str]:
+    """n lines of shortest..longest random words from `words` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g).tolist()
+    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=g).tolist()) for k in lengths]

@@ -58,6 +58,7 @@ METRICS = {
     "decoder_norm_mean",
     "decoder_norm_min",
     "decoder_norm_max",
+    "filter_localization",
 }
 
 

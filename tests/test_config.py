@@ -292,7 +292,7 @@ def test_a_setting_the_kind_lacks_given_explicitly_is_one_error_naming_it(tmp_pa
         else:
             TrainConfig.from_flat({"kind": "sigmoid", "k": 8})
     message = str(error.value)
-    assert "--k is a setting of topk and batchtopk, not of --kind sigmoid" in message
+    assert "--k is a setting of topk and batchtopk and matryoshka, not of --kind sigmoid" in message
     assert "\n" not in message and message.count("--k ") == 1
 
 

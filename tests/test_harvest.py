@@ -3,24 +3,27 @@
 The yardstick is independent of the harvest code: the tokenizer splits on whitespace and
 knows every word, so a document of w words is w tokens plus one [BOS] per window, and the
 expected activations come from running the model directly on each window alone (batch of
-one, no padding), reading hidden_states or a forward hook of our own.
+one, no padding), reading hidden_states or a forward hook of our own. The expected
+provenance (document, window, position, token) is counted here from the same windows.
 """
 
 import json
 import math
 import sys
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import assert_one_line_error, run_cli  # noqa: E402
+from conftest import assert_one_line_error, run_cli, word_documents, word_tokenizer  # noqa: E402
 
 from saekit import __version__  # noqa: E402
-from saekit.data.harvest import harvest, resolve_model_folder  # noqa: E402
+from saekit.data.harvest import harvest, load_provenance, load_tokenizer, resolve_model_folder  # noqa: E402
 from saekit.data.vectors import open_vectors  # noqa: E402
 from saekit.errors import UserError  # noqa: E402
 
@@ -47,26 +50,19 @@ WORDS = [
 ]
 CONTEXT = 6  # [BOS] + up to 5 words per window
 N_LAYERS = 2
+PROVENANCE = ("document", "window", "position", "token")
 
 
-def _documents(n=12, seed=0):
+def _documents():
     """Lines of 1..14 random words: short ones get padded, long ones span several windows."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 15, (n,), generator=g).tolist()
-    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist()) for k in lengths]
+    return word_documents(WORDS, 12, 1, 14)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model folder, raw tokenizers.Tokenizer, model, text folder, documents)."""
     root = tmp_path_factory.mktemp("harvest")
-    vocabulary = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", *WORDS])}
-    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="[UNK]"))
-    raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    raw.post_processor = tokenizers.processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]"
-    )
+    fast, raw = word_tokenizer(WORDS)  # [PAD] 0, [UNK] 1, [BOS] 2, then the words
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_layer=N_LAYERS,
@@ -97,50 +93,71 @@ def _windows(raw, doc):
     return [[2, *ids[i : i + CONTEXT - 1]] for i in range(0, len(ids), CONTEXT - 1)]
 
 
-def _expected(tiny, layer=None, module=None, drop_first=False):
-    """(n_tokens, d) activations computed window by window, independently of saekit."""
-    _, raw, model, _, docs = tiny
+def _all_windows(tiny):
+    """[(document, token ids)] of every window, in order."""
+    _, raw, _, _, docs = tiny
+    return [(d, w) for d, doc in enumerate(docs) for w in _windows(raw, doc)]
+
+
+def _expected(tiny, layer=None, module=None, drop_first=False, keep_special=False):
+    """((n_tokens, d) activations, {name: (n_tokens,) provenance}) computed window by window, independently
+    of saekit; [BOS] (position 0 of every window) is left out unless keep_special."""
+    model = tiny[2]
     captured = []
     handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: captured.append(o)) if module else None
-    rows = []
+    rows, where = [], []
+    first = 1 if drop_first or not keep_special else 0
     with torch.no_grad():
-        for doc in docs:
-            for window in _windows(raw, doc):
-                out = model(input_ids=torch.tensor([window]), output_hidden_states=True)
-                h = (captured.pop() if module else out.hidden_states[layer])[0]
-                rows.append(h[1:] if drop_first else h)
+        for w, (document, window) in enumerate(_all_windows(tiny)):
+            out = model(input_ids=torch.tensor([window]), output_hidden_states=True)
+            h = (captured.pop() if module else out.hidden_states[layer])[0]
+            rows.append(h[first:])
+            where += [(document, w, p, window[p]) for p in range(first, len(window))]
     if handle:
         handle.remove()
-    return torch.cat(rows)
+    return torch.cat(rows), dict(zip(PROVENANCE, torch.tensor(where).T))
 
 
 def _read(out):
+    """(shard paths, activations per shard, {name: provenance over all shards})."""
     shards = sorted(out.glob("shard_*.safetensors"))
-    tensors = []
+    tensors, where = [], {key: [] for key in PROVENANCE}
     for path in shards:
         with safe_open(path, framework="pt") as f:
-            assert list(f.keys()) == ["activations"]
+            assert sorted(f.keys()) == sorted(["activations", *PROVENANCE])
             tensors.append(f.get_tensor("activations"))
-    return shards, tensors
+            for key in PROVENANCE:
+                where[key].append(f.get_tensor(key))
+    return shards, tensors, {key: torch.cat(parts) for key, parts in where.items()}
 
 
 @pytest.mark.slow  # runs a transformer
-def test_rows_counts_shards_and_manifest(tiny, tmp_path):
+def test_rows_provenance_shards_and_manifest(tiny, tmp_path):
     folder, raw, _, texts, docs = tiny
     out = tmp_path / "out"
     manifest = harvest(
         str(folder), [texts], out, layer=1, context_length=CONTEXT, batch_size=4, shard_size=16, progress=False
     )
-    n_words = [len(doc.split()) for doc in docs]
-    n_tokens = sum(w + math.ceil(w / (CONTEXT - 1)) for w in n_words)  # words + one [BOS] per window
-    shards, tensors = _read(out)
+    windows = _all_windows(tiny)
+    n_tokens = sum(len(doc.split()) for doc in docs)  # the words: [BOS] is a special token, left out
+    shards, tensors, where = _read(out)
     assert [p.name for p in shards] == [f"shard_{i:05d}.safetensors" for i in range(math.ceil(n_tokens / 16))]
     assert [len(t) for t in tensors[:-1]] == [16] * (len(tensors) - 1)
     assert sum(len(t) for t in tensors) == n_tokens
     assert all(t.dtype == torch.float32 and t.shape[1] == 32 for t in tensors)
-    torch.testing.assert_close(torch.cat(tensors), _expected(tiny, layer=1), rtol=1e-5, atol=1e-5)
-    # Only finished files: no temporary file is left behind.
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in shards), "harvest.json"])
+    expected, expected_where = _expected(tiny, layer=1)
+    torch.testing.assert_close(torch.cat(tensors), expected, rtol=1e-5, atol=1e-5)
+    for key in PROVENANCE:
+        assert torch.equal(where[key], expected_where[key]), key
+    # Each row's token is the word at its position in its document's window.
+    row = 17
+    document, window, position = (int(where[k][row]) for k in ("document", "window", "position"))
+    assert docs[document].split()[(window - sum(d < document for d, _ in windows)) * (CONTEXT - 1) + position - 1] == (
+        raw.id_to_token(int(where["token"][row]))
+    )
+    # Only finished files: no temporary file is left behind; windows and the tokenizer sit in folders.
+    names = [*(p.name for p in shards), "harvest.json", "windows", "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
     on_disk = json.loads((out / "harvest.json").read_text())
     assert on_disk == manifest
     assert {
@@ -155,6 +172,10 @@ def test_rows_counts_shards_and_manifest(tiny, tmp_path):
             "context_length",
             "document",
             "saekit_version",
+            "keep_special",
+            "n_special_excluded",
+            "n_windows",
+            "n_outliers",
         ]
     } == {
         "model": str(folder),
@@ -166,17 +187,90 @@ def test_rows_counts_shards_and_manifest(tiny, tmp_path):
         "context_length": CONTEXT,
         "document": "line",
         "saekit_version": __version__,
+        "keep_special": False,
+        "n_special_excluded": len(windows),  # one [BOS] per window
+        "n_windows": len(windows),
+        "n_outliers": 0,
     }
     assert on_disk["texts"] == [str(texts / "a.txt"), str(texts / "sub" / "b.txt")]
+    # Training reads the activations alone: the only 2-D tensor of each shard.
     source = open_vectors(out)
     assert (source.n, source.d) == (n_tokens, 32)
     torch.testing.assert_close(source.read(10, 30), torch.cat(tensors)[10:30], rtol=0, atol=0)
+    # The windows' token ids and the tokenizer come back, so any row can be shown in its context.
+    back = load_provenance(out)
+    for key in PROVENANCE:
+        assert torch.equal(back.rows[key], expected_where[key])
+    assert back.window_document.tolist() == [d for d, _ in windows]
+    starts = back.window_starts.tolist()
+    assert [back.window_tokens[a:b].tolist() for a, b in zip(starts, starts[1:])] == [w for _, w in windows]
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.convert_ids_to_tokens(windows[3][1]) == ["[BOS]", *(raw.id_to_token(i) for i in windows[3][1][1:])]
+    assert sorted(tokenizer.all_special_ids) == [0, 1, 2]
+
+
+@pytest.mark.slow  # runs a transformer
+def test_keep_special_keeps_bos(tiny, tmp_path):
+    folder, _, _, texts, docs = tiny
+    manifest = harvest(
+        folder, texts, tmp_path / "out", layer=2, context_length=CONTEXT, keep_special=True, progress=False
+    )
+    _, tensors, where = _read(tmp_path / "out")
+    expected, expected_where = _expected(tiny, layer=2, keep_special=True)
+    torch.testing.assert_close(torch.cat(tensors), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(where["position"], expected_where["position"]) and int((where["token"] == 2).sum()) == len(
+        _all_windows(tiny)
+    )
+    assert manifest["n_special_excluded"] == 0 and manifest["keep_special"] is True
+
+
+@pytest.mark.slow  # runs a transformer
+@pytest.mark.parametrize("sample", [None, 20])
+def test_drop_outliers_against_the_median_norm(tiny, tmp_path, monkeypatch, sample):
+    """Rows above factor x the median norm go; the median is that of the first OUTLIER_SAMPLE rows."""
+    folder, _, _, texts, _ = tiny
+    if sample:
+        monkeypatch.setattr("saekit.data.harvest.OUTLIER_SAMPLE", sample)
+    expected, expected_where = _expected(tiny, layer=1)
+    norms = expected.double().norm(dim=1).numpy()
+    median = np.median(norms[:sample])
+    factor = float(np.quantile(norms, 0.9) / median)  # about the top tenth are outliers
+    kept = norms <= factor * median * (1 + 1e-6)
+    assert 0 < (~kept).sum() < len(kept) // 4
+    manifest = harvest(
+        folder,
+        texts,
+        tmp_path / "out",
+        layer=1,
+        context_length=CONTEXT,
+        batch_size=3,
+        drop_outliers=factor,
+        progress=False,
+    )
+    _, tensors, where = _read(tmp_path / "out")
+    torch.testing.assert_close(torch.cat(tensors), expected[torch.from_numpy(kept)], rtol=1e-5, atol=1e-5)
+    assert torch.equal(where["window"], expected_where["window"][torch.from_numpy(kept)])
+    assert manifest["n_outliers"] == int((~kept).sum()) and manifest["n_tokens"] == int(kept.sum())
+    assert manifest["outlier_norm_limit"] == pytest.approx(factor * median, rel=1e-5)
+    with pytest.raises(UserError, match="drop_outliers is 0.5"):
+        harvest(folder, texts, tmp_path / "o2", layer=1, drop_outliers=0.5, progress=False)
+
+
+def test_old_harvest_without_provenance(tmp_path):
+    """A folder of 0.2's harvest (activations only) still streams, and has no provenance to show."""
+    x = torch.randn(20, 8)
+    (tmp_path / "shard_00000.safetensors").write_bytes(safetensors.torch.save({"activations": x}))
+    (tmp_path / "harvest.json").write_text(json.dumps({"n_tokens": 20, "d": 8, "saekit_version": "0.2.0"}))
+    assert torch.equal(open_vectors(tmp_path).read(0, 20), x)
+    assert load_provenance(tmp_path) is None and load_tokenizer(tmp_path) is None
+    with pytest.raises(UserError, match="no finished harvest"):
+        load_provenance(tmp_path / "missing")
 
 
 @pytest.mark.slow  # runs a transformer
 def test_hook_module_drop_first_float16_and_max_tokens(tiny, tmp_path):
     folder, _, _, texts, _ = tiny
-    expected = _expected(tiny, module="h.0.mlp", drop_first=True)
+    expected, expected_where = _expected(tiny, module="h.0.mlp", drop_first=True)
     out = tmp_path / "out"
     manifest = harvest(
         folder,
@@ -190,10 +284,11 @@ def test_hook_module_drop_first_float16_and_max_tokens(tiny, tmp_path):
         dtype="float16",
         progress=False,
     )
-    _, tensors = _read(out)
+    _, tensors, where = _read(out)
     assert len(tensors) == 1 and tensors[0].dtype == torch.float16
     assert manifest["n_tokens"] == 40 and manifest["hook_module"] == "h.0.mlp" and manifest["layer"] is None
     torch.testing.assert_close(tensors[0].float(), expected[:40].half().float(), rtol=0, atol=1e-3)
+    assert torch.equal(where["token"], expected_where["token"][:40])
 
 
 @pytest.mark.slow  # runs a transformer
@@ -207,10 +302,11 @@ def test_document_per_file_uses_long_windows(tiny, tmp_path):
     windows = [[2, *ids[i : i + 15]] for i in range(0, len(ids), 15)]
     with torch.no_grad():
         expected = torch.cat(
-            [model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states[2][0] for w in windows]
+            [model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states[2][0, 1:] for w in windows]
         )
-    assert manifest["n_tokens"] == len(ids) + len(windows)
+    assert manifest["n_tokens"] == len(ids) and manifest["n_windows"] == len(windows)
     torch.testing.assert_close(open_vectors(out).read(0, len(expected)), expected, rtol=1e-5, atol=1e-5)
+    assert set(load_provenance(out).rows["document"].tolist()) == {0}
 
 
 @pytest.mark.slow  # runs a transformer
@@ -222,6 +318,7 @@ def test_finished_harvest_is_refused_unless_overwrite(tiny, tmp_path):
         harvest(folder, texts, out, layer=0, context_length=CONTEXT, progress=False)
     harvest(folder, texts, out, layer=0, context_length=CONTEXT, shard_size=10**6, overwrite=True, progress=False)
     assert [p.name for p in out.glob("*.safetensors")] == ["shard_00000.safetensors"]  # old shards gone
+    assert [p.name for p in (out / "windows").iterdir()] == ["windows_00000.safetensors"]
 
 
 @pytest.mark.slow  # runs a transformer
@@ -244,16 +341,21 @@ def test_cli_arguments_and_run(tiny, tmp_path, capsys):
             "25",
             "--shard-size",
             "10",
+            "--keep-special",
+            "--drop-outliers",
+            "100",
             "--no-progress",
         ]
     )
     assert code == 0
     assert "harvested 25 vectors of d=32" in capsys.readouterr().out
-    _, tensors = _read(tmp_path / "o")
+    _, tensors, _ = _read(tmp_path / "o")
     assert [len(t) for t in tensors] == [10, 10, 5]
-    torch.testing.assert_close(torch.cat(tensors), _expected(tiny, layer=1)[:25], rtol=1e-5, atol=1e-5)
+    expected, _ = _expected(tiny, layer=1, keep_special=True)
+    torch.testing.assert_close(torch.cat(tensors), expected[:25], rtol=1e-5, atol=1e-5)
     manifest = json.loads((tmp_path / "o" / "harvest.json").read_text())
     assert (manifest["layer"], manifest["context_length"], manifest["n_tokens"]) == (1, CONTEXT, 25)
+    assert (manifest["keep_special"], manifest["drop_outliers"], manifest["n_outliers"]) == (True, 100.0, 0)
 
 
 @pytest.mark.slow  # runs a transformer

@@ -20,7 +20,7 @@ from saekit.interop.saelens import export_saelens, import_saelens
 from saekit.run import RunFolder
 from saekit.train import OptimConfig
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
 
 
 def saelens_forward(cfg: dict, t: dict, x: torch.Tensor):
@@ -61,7 +61,7 @@ def random_model(activation, dtype=torch.float64, pre_bias=True, seed=0, n_input
         model.b2.copy_(torch.randn(n_inputs, generator=g))
         if activation == "jumprelu":
             model.jumprelu.log_threshold.copy_(torch.randn(n_hidden, generator=g) - 1.5)
-        if activation == "batchtopk":
+        if activation in ("batchtopk", "matryoshka"):  # one inference threshold for every unit
             model.batch_topk.threshold.fill_(0.3)
     return model.eval()
 
@@ -136,8 +136,9 @@ def test_exported_folder_computes_what_saekit_computes(tmp_path, activation):
     torch.testing.assert_close(x_hat, expected_x_hat, rtol=1e-12, atol=1e-12)
 
 
-def test_batchtopk_threshold_is_every_units_jumprelu_threshold(tmp_path):
-    model = random_model("batchtopk")
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka"])
+def test_batchtopk_threshold_is_every_units_jumprelu_threshold(tmp_path, activation):
+    model = random_model(activation)
     cfg, tensors = read_folder(export_saelens(model, tmp_path / "sae"))
     assert cfg["architecture"] == "jumprelu"
     # the threshold buffer is kept in the model's dtype (float64 here)
@@ -283,6 +284,7 @@ def test_import_widens_half_precision_to_float32(tmp_path):
     [
         (lambda cfg, t: cfg.update(architecture="gated"), "SAELens architecture 'gated'.* has no saekit equivalent"),
         (lambda cfg, t: cfg.update(architecture="batchtopk"), "save_inference_model"),
+        (lambda cfg, t: cfg.update(architecture="matryoshka_batchtopk"), "save_inference_model"),
         (lambda cfg, t: cfg.update(activation_fn="tanh-relu"), "no saekit equivalent"),
         (lambda cfg, t: cfg.update(normalize_activations="layer_norm"), "normalize_activations"),
         (lambda cfg, t: cfg.update(d_in=3), r"W_enc has shape \(4, 5\), but d_in and d_sae make it \(3, 5\)"),

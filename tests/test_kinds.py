@@ -52,10 +52,10 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def test_every_builtin_kind_is_registered_under_its_own_name():
-    assert list(KINDS) == ["sigmoid", "relu", "topk", "batchtopk", "jumprelu"]
+    assert list(KINDS) == ["sigmoid", "relu", "topk", "batchtopk", "matryoshka", "jumprelu"]
     for name, cls in KINDS.items():
         assert cls.Config.kind == name and issubclass(cls, SparseAutoencoder)
-        assert type(build(config(name, n_hidden=8, **({"k": 2} if "topk" in name else {})), 4)) is cls
+        assert type(build(config(name, n_hidden=8, **({"k": 2} if hasattr(cls.Config, "k") else {})), 4)) is cls
 
 
 def test_an_unknown_kind_or_setting_is_one_clear_error():

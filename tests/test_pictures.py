@@ -3,8 +3,10 @@
 import math
 import os
 
+import matplotlib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from saekit.errors import UserError
@@ -20,6 +22,7 @@ from saekit.viz.pictures import (
     tile_images,
     upscale,
 )
+from saekit.viz.report import most_contrast_first
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # the first two series colours
 DARK_BLUE = (8, 48, 107)  # a confusion-matrix cell holding its whole row
@@ -165,48 +168,134 @@ def test_tile_images_with_one_bound_takes_the_other_from_the_data():
 
 # ---------------------------------------------------------------------------- side_by_side
 
-
-@pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("n", list(range(1, 30)))
-def test_side_by_side_geometry(n, k):
-    h, w = 2, 3
-    cols = math.ceil(math.sqrt(n / k))  # near-square: groups of k are k times as wide as tall
-    rows = math.ceil(n / cols)
-    arrays = [np.full((n, h * w), float(i)) for i in range(k)]
-    img = side_by_side(*arrays, image_shape=(h, w))
-    group_w = k * w + (k - 1)
-    assert img.shape == (3 + rows * (h + 3), 3 + cols * (group_w + 3))
+PAGE, FRAME_GREY = 255, 120  # the page around the tiles and the frame around each tile
 
 
-def test_side_by_side_puts_further_arrays_after_the_reconstruction():
-    a, b, c = np.zeros((1, 4)), np.full((1, 4), 1.0), np.full((1, 4), 2.0)  # 2x2 tiles: 0, 128, 255
-    img = side_by_side(a, b, c)
-    tiles = [img[3:5, 3 + i * 3 : 5 + i * 3] for i in range(3)]
-    assert [int(t.mean()) for t in tiles] == [0, 128, 255]
-    assert (img[3:5, 5] == 128).all() and (img[3:5, 8] == 128).all()  # 1-pixel gaps inside the group
+def grey(values, lo, hi):
+    """The shared grey scale, by hand: lo -> 0, hi -> 255, clipped; floor(128 + 127.5 v) on v in [-1, 1]."""
+    v = np.clip(2 * (np.asarray(values, dtype=np.float64) - lo) / (hi - lo) - 1, -1, 1)
+    return np.floor(128 + 127.5 * v).astype(np.uint8)
 
 
-def test_side_by_side_places_input_then_reconstruction_on_one_scale():
-    inputs = np.array([[0.0] * 4, [1.0] * 4, [2.0] * 4])  # 2x2 tiles, range 0..4 over both
-    outputs = np.array([[4.0] * 4, [3.0] * 4, [2.0] * 4])
+def test_side_by_side_puts_every_tile_zoomed_and_framed_at_its_place():
+    # 3 pairs of 8x8 tiles, worked by hand: zoom 7 (56 px tiles), groups 56 + 6 + 56 = 118 wide,
+    # ceil(sqrt(3 * 56 / 118)) = 2 group columns and 2 rows; the grid is 2 * 118 + 20 = 256
+    # wide, centred on the 640-pixel minimum width (left 192), below the margin (12), the
+    # title line and the label line (22 each): top 56. Height 56 + 2 * (56 + 20) + 22 + 12.
+    rng = np.random.default_rng(0)
+    inputs, outputs = rng.normal(size=(3, 64)), rng.normal(size=(3, 64))
     img = side_by_side(inputs, outputs)
-    # 3 pairs -> ceil(sqrt(1.5)) = 2 pair columns, 2 rows; pair k at row k // 2, col k % 2;
-    # tiles are 2x2, pairs 5 wide (1 pixel inside), 3 pixels between pairs.
-    grey = {0.0: 0, 1.0: 64, 2.0: 128, 3.0: 191, 4.0: 255}  # floor(128 + 127.5 (x / 2 - 1))
-    for k in range(3):
-        top, left = 3 + (k // 2) * 5, 3 + (k % 2) * 8
-        assert (img[top : top + 2, left : left + 2] == grey[inputs[k, 0]]).all()
-        assert (img[top : top + 2, left + 2] == 128).all()  # the 1-pixel gap inside the pair
-        assert (img[top : top + 2, left + 3 : left + 5] == grey[outputs[k, 0]]).all()
-    assert (img[:3] == 128).all() and (img[:, 3 + 5 : 3 + 8] == 128).all()  # 3-pixel gaps
-    assert (img[8:10, 11:16] == 128).all()  # the empty fourth cell
+    assert img.shape == (242, 640) and img.dtype == np.uint8
+    lo, hi = np.percentile(np.concatenate([inputs, outputs]), [1, 99])
+    for g in range(3):
+        i, j = divmod(g, 2)
+        top = 56 + i * (56 + 20)
+        for a, rows in enumerate((inputs, outputs)):
+            left = 192 + j * (118 + 20) + a * (56 + 6)
+            expected = np.kron(grey(rows[g].reshape(8, 8), lo, hi), np.ones((7, 7), np.uint8))
+            np.testing.assert_array_equal(img[top : top + 56, left : left + 56], expected)
+            frame = img[top - 1 : top + 57, left - 1 : left + 57]
+            assert (frame[0] == FRAME_GREY).all() and (frame[-1] == FRAME_GREY).all()
+            assert (frame[:, 0] == FRAME_GREY).all() and (frame[:, -1] == FRAME_GREY).all()
+    assert (img[56 + 76 - 1 : 56 + 76 + 57, 192 + 138 - 1 : 192 + 138 + 119] == PAGE).all()  # the empty 4th cell
+    assert (img[57 : 56 + 55, 192 + 56 + 1 : 192 + 62 - 1] == PAGE).all()  # the gap inside a pair
+    assert (img[57 : 56 + 55, 192 + 118 + 1 : 192 + 138 - 1] == PAGE).all()  # the gap between pairs
 
 
-def test_side_by_side_needs_matching_shapes():
-    with pytest.raises(UserError, match="same shape"):
-        side_by_side(np.zeros((3, 4)), np.zeros((2, 4)))
-    with pytest.raises(UserError, match="same shape"):
-        side_by_side(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 5)))
+@pytest.mark.parametrize(
+    "n, k, shape, expected",
+    [
+        # 50 pairs of 8x8: zoom 7, groups 118 wide, ceil(sqrt(50 * 56 / 118)) = 5 columns, 10 rows:
+        # width 5 * 118 + 4 * 20 + 2 * 12, height 56 + 10 * (56 + 20) + 22 + 12.
+        (50, 2, (8, 8), (850, 694)),
+        # 50 triples of 28x28 digits: zoom 2 (56 px), groups 3 * 56 + 2 * 6 = 180 wide,
+        # ceil(sqrt(50 * 56 / 180)) = 4 columns, 13 rows.
+        (50, 3, (28, 28), (56 + 13 * 76 + 34, 4 * 180 + 3 * 20 + 24)),
+        # One pair of 2x3 tiles: zoom ceil(56 / 3) = 19, tiles 38 x 57; the minimum width.
+        (1, 2, (2, 3), (56 + 38 + 20 + 34, 640)),
+    ],
+)
+def test_side_by_side_size(n, k, shape, expected):
+    arrays = [np.full((n, shape[0] * shape[1]), float(i)) for i in range(k)]
+    assert side_by_side(*arrays, image_shape=shape).shape == expected
+
+
+def test_side_by_side_on_given_bounds_with_a_chosen_zoom():
+    inputs = np.array([[0.0] * 4, [1.0] * 4, [2.0] * 4])  # 2x2 tiles on the scale 0..4
+    outputs = np.array([[4.0] * 4, [3.0] * 4, [5.0] * 4])  # 5 is beyond high: clipped to white
+    img = side_by_side(inputs, outputs, low=0.0, high=4.0, zoom=1)
+    # zoom 1: groups 2 + 6 + 2 = 10 wide, ceil(sqrt(3 * 2 / 10)) = 1 column of 3 rows, 2 + 20 apart.
+    greys = {0.0: 0, 1.0: 64, 2.0: 128, 3.0: 191, 4.0: 255, 5.0: 255}  # floor(128 + 127.5 (x / 2 - 1))
+    left = (640 - 10) // 2
+    for g in range(3):
+        top = 56 + g * 22
+        assert (img[top : top + 2, left : left + 2] == greys[inputs[g, 0]]).all()
+        assert (img[top : top + 2, left + 8 : left + 10] == greys[outputs[g, 0]]).all()
+
+
+def test_side_by_side_default_scale_clips_the_outer_percent():
+    # One bright outlier must not squash every other tile to black: the scale runs from the 1st
+    # to the 99th percentile of all values, and the outlier is clipped to white.
+    rng = np.random.default_rng(1)
+    inputs = rng.uniform(0, 1, (4, 16))
+    outputs = inputs.copy()
+    outputs[0, 0] = 1000.0
+    img = side_by_side(inputs, outputs, zoom=1)
+    lo, hi = np.percentile(np.concatenate([inputs, outputs]), [1, 99])
+    assert hi < 2
+    # 4 pairs of 4x4 at zoom 1: groups 14 wide, ceil(sqrt(4 * 4 / 14)) = 2 columns, 2 rows.
+    left = (640 - (2 * 14 + 20)) // 2
+    np.testing.assert_array_equal(img[56 : 56 + 4, left : left + 4], grey(inputs[0].reshape(4, 4), lo, hi))
+    assert img[56, left + 10] == 255  # the outlier, first pixel of the first output
+
+
+def test_side_by_side_of_constant_data_is_mid_grey():
+    img = side_by_side(np.full((1, 4), 3.0), np.full((1, 4), 3.0), zoom=1)
+    left = (640 - 10) // 2
+    assert (img[56:58, left : left + 2] == 128).all() and (img[56:58, left + 8 : left + 10] == 128).all()
+
+
+def dark_columns(img, rows):
+    """Columns holding text (dark ink) in the given rows."""
+    return np.flatnonzero((img[rows] < 100).any(axis=0))
+
+
+def test_side_by_side_labels_each_tile_column_and_the_title_sits_above():
+    x = np.random.default_rng(2).normal(size=(3, 64))
+    # 2 group columns of pairs (see the first test): tile columns at left 192, 254, 330, 392, 56 wide.
+    unlabelled = side_by_side(x, x, labels=("", ""))
+    labelled = side_by_side(x, x, labels=("in", "out"), title="a title")
+    changed = np.flatnonzero((unlabelled != labelled).any(axis=1))
+    assert changed.min() >= 12 and changed.max() < 56  # only the title and label lines change
+    ink = dark_columns(labelled, slice(34, 56))
+    assert dark_columns(unlabelled, slice(34, 56)).size == 0
+    for left in (192, 254, 330, 392):
+        inside = ink[(ink >= left) & (ink < left + 56)]
+        assert inside.size > 3 and abs((inside.min() + inside.max()) / 2 - (left + 28)) <= 2  # centred
+    title_ink = dark_columns(labelled, slice(12, 34))
+    assert abs((title_ink.min() + title_ink.max()) / 2 - 320) <= 2  # centred on the page
+    # The scale line under the grid is there with or without labels.
+    assert dark_columns(unlabelled, slice(242 - 34, 242 - 12)).size > 50
+
+
+@pytest.mark.parametrize(
+    "arrays, kw, words",
+    [
+        ((np.zeros((3, 4)), np.zeros((2, 4))), {}, "same shape"),
+        ((np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 5))), {}, "same shape"),
+        ((np.zeros((3, 4)), np.zeros((3, 4))), {"labels": ("only one",)}, "one label per array"),
+        ((np.zeros((3, 4)), np.zeros((3, 4))), {"zoom": 0}, "zoom"),
+        ((np.zeros((3, 4)), np.zeros((3, 4))), {"low": 1.0, "high": 0.0}, "empty"),
+    ],
+)
+def test_side_by_side_rejects_bad_input(arrays, kw, words):
+    with pytest.raises(UserError, match=words):
+        side_by_side(*arrays, **kw)
+
+
+def test_most_contrast_first_orders_rows_by_their_spread():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 2.0], [5.0, 5.0, 6.0], [0.0, 10.0, 0.0]])
+    np.testing.assert_array_equal(most_contrast_first(x).numpy(), x.numpy()[[3, 1, 2, 0]])
 
 
 # ---------------------------------------------------------------------------- upscale
@@ -272,12 +361,17 @@ def test_save_filters_writes_the_upscaled_grid(tmp_path):
 # ---------------------------------------------------------------------------- line_chart
 
 
+def near(img, rgb, tolerance=30):
+    """Pixels within `tolerance` of a colour in every channel (lines are anti-aliased at their edges)."""
+    return (np.abs(img.astype(int) - np.array(rgb)) <= tolerance).all(axis=2)
+
+
 def series_pixels(series, **kw):
     """Pixels of each series colour drawn as data, without the legend's swatches (found by
-    drawing the same names with no drawable points)."""
+    drawing the same names with no drawable points: the legend sits under the axes either way)."""
     img = line_chart(series, **kw)
     empty = line_chart({name: [np.nan] for name in series}, **kw)
-    return img, [colour_mask(img, c) & ~colour_mask(empty, c) for c in (BLUE, ORANGE)]
+    return img, [near(img, c) & ~near(empty, c) for c in (BLUE, ORANGE)]
 
 
 def test_line_chart_size_and_one_colour_per_series():
@@ -298,9 +392,8 @@ def test_line_chart_breaks_the_line_at_nan():
     y = np.r_[np.linspace(0, 1, 20), np.full(20, np.nan), np.linspace(1, 2, 20)]
     _, (blue, _) = series_pixels({"a": y})
     cols = np.flatnonzero(blue.any(axis=0))
-    gaps = np.diff(cols)
-    # The NaN third of the x range (about a third of ~700 plot pixels) has no line.
-    assert gaps.max() > 150
+    # The NaN third of the x range has no line.
+    assert np.diff(cols).max() > 0.25 * (cols.max() - cols.min())
 
 
 def test_line_chart_draws_a_single_point_and_a_constant_series():
@@ -308,7 +401,7 @@ def test_line_chart_draws_a_single_point_and_a_constant_series():
     assert 5 <= dot.sum() < 400  # a small dot
     _, (flat, _) = series_pixels({"a": np.full(30, 7.0)})
     rows = np.flatnonzero(flat.any(axis=1))
-    assert flat.sum() > 300 and rows.max() - rows.min() <= 3  # one horizontal line
+    assert flat.sum() > 300 and rows.max() - rows.min() <= 4  # one horizontal line
 
 
 def test_line_chart_takes_x_and_y_rows_and_log_y_skips_non_positive_values():
@@ -316,6 +409,18 @@ def test_line_chart_takes_x_and_y_rows_and_log_y_skips_non_positive_values():
     assert img.shape == (500, 800, 3)
     _, (blue, _) = series_pixels({"a": [1e-3, 1e-2, 0.0, -1.0, 10.0]}, log_y=True)
     assert blue.sum() > 50
+
+
+def test_line_chart_says_when_a_log_series_has_nothing_above_zero():
+    # A weight decay of 0 on a log axis: no line, and the legend says why (its entry is longer
+    # than that of a series that is simply missing).
+    zero = line_chart({"cost": [3.0, 2.0, 1.0], "decay": [0.0, 0.0, 0.0]}, log_y=True)
+    missing = line_chart({"cost": [3.0, 2.0, 1.0], "decay": [np.nan] * 3}, log_y=True)
+    orange = np.flatnonzero(near(zero, ORANGE).any(axis=1))  # only the legend's swatch: no line, no dot
+    assert orange.size and orange.max() - orange.min() <= 4 and orange.min() > 400
+    legend = slice(orange.min() - 7, orange.max() + 8)
+    ink = [np.flatnonzero((img[legend] < 100).all(axis=2).any(axis=0)) for img in (zero, missing)]
+    assert ink[0].max() - ink[0].min() > ink[1].max() - ink[1].min() + 50
 
 
 def test_line_chart_all_nan_still_draws_axes():
@@ -368,52 +473,74 @@ def test_histogram_counts_rejects_bad_input(values, kw, words):
 
 
 def test_histogram_chart_bar_heights_follow_the_counts():
-    img = histogram_chart([0.0, 0.0, 0.0, 1.0, -np.inf], bins=2, title="density")
-    assert img.shape == (500, 800, 3)
+    img = histogram_chart([0.0, 0.0, 0.0, 1.0, -np.inf], bins=2, title="density", width=640, height=480)
+    assert img.shape == (480, 640, 3)
     heights = colour_mask(img, BLUE).sum(axis=0)  # bar pixels per column
     bars = heights[heights > 0]
     left, right = bars[: len(bars) // 2], bars[len(bars) // 2 :]
     assert abs(np.median(left) / np.median(right) - 3) < 0.05  # 3 values vs 1
+    assert abs(len(left) - len(right)) <= 2  # equal bins are equally wide
 
 
 def test_histogram_chart_of_only_dead_values_draws_no_bars():
     img = histogram_chart([-np.inf] * 4)
-    assert not colour_mask(img, BLUE).any()
+    assert img.shape == (500, 800, 3) and not near(img, BLUE).any()
 
 
 # ---------------------------------------------------------------------------- confusion matrix
 
 
+def blues(share):
+    """The colour of a cell holding `share` of its row, by matplotlib's own Blues map: sqrt of the share."""
+    return np.array(matplotlib.colormaps["Blues"](np.sqrt(share))[:3]) * 255
+
+
+def full_rows(cm):
+    """Pixels of cells that hold their whole row (dark blue), without the colour bar's dark end: found
+    by drawing a matrix of the same size in which no cell holds its whole row."""
+    img = confusion_matrix_image(cm)
+    return img, colour_mask(img, DARK_BLUE) & ~colour_mask(confusion_matrix_image(np.ones_like(cm)), DARK_BLUE)
+
+
 def test_confusion_matrix_rows_are_true_classes_and_columns_predictions():
     # Every example predicted as class 1: both cells of column 1 hold their whole row, and
     # shade a vertical strip (a horizontal one would mean rows are the predictions).
-    rows, cols = np.nonzero(colour_mask(confusion_matrix_image([[0, 5], [0, 5]]), DARK_BLUE))
+    _, dark = full_rows(np.array([[0, 5], [0, 5]]))
+    rows, cols = np.nonzero(dark)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert abs(height - 2 * width) <= 2  # one column, two rows of square cells
+    assert abs(height - 2 * width) <= 3  # one column, two rows of square cells
     # Predicted as class 0 instead: the same strip one cell further left.
-    cols_0 = np.nonzero(colour_mask(confusion_matrix_image([[5, 0], [5, 0]]), DARK_BLUE))[1]
-    assert cols_0.min() == cols.min() - width and cols_0.max() == cols.max() - width
+    cols_0 = np.nonzero(full_rows(np.array([[5, 0], [5, 0]]))[1])[1]
+    assert abs(cols_0.min() - (cols.min() - width)) <= 1 and abs(cols_0.max() - (cols.max() - width)) <= 1
 
 
-def test_confusion_matrix_diagonal_is_dark_and_off_diagonal_white():
-    img = confusion_matrix_image(np.diag([7, 3, 9]), class_names=["cat", "dog", "bird"])
-    rows, cols = np.nonzero(colour_mask(img, DARK_BLUE))
+def test_confusion_matrix_diagonal_is_dark_and_off_diagonal_the_lightest_blue():
+    img, dark = full_rows(np.diag([7, 3, 9]))
+    rows, cols = np.nonzero(dark)
     cell = (cols.max() - cols.min() + 1) / 3
     top, left = rows.min(), cols.min()
     for i in range(3):
         for j in range(3):
             y, x = int(top + (i + 0.15) * cell), int(left + (j + 0.15) * cell)  # off the text
-            assert tuple(img[y, x]) == (DARK_BLUE if i == j else (255, 255, 255))
+            np.testing.assert_allclose(img[y, x], blues(1.0 if i == j else 0.0), atol=1.5)
 
 
 def test_confusion_matrix_shades_a_smaller_share_lighter():
-    img = confusion_matrix_image(np.array([[9, 1], [0, 10]]))
-    rows, cols = np.nonzero(colour_mask(img, DARK_BLUE))  # the (1, 1) cell only
+    img, dark = full_rows(np.array([[9, 1], [0, 10]]))
+    rows, cols = np.nonzero(dark)  # the (1, 1) cell only
     cell = cols.max() - cols.min() + 1
     top, left = rows.min() - cell, cols.min() - cell  # the grid's top-left corner
     big, small = img[top + 3, left + 3], img[top + 3, left + cell + 3]
+    np.testing.assert_allclose(big, blues(0.9), atol=1.5)
+    np.testing.assert_allclose(small, blues(0.1), atol=1.5)
     assert small.astype(int).sum() > big.astype(int).sum() > sum(DARK_BLUE)  # lighter
-    assert (small < 255).any()  # a 10% confusion is still tinted
+    assert (small < 240).any()  # a 10% confusion is clearly tinted
+
+
+def test_confusion_matrix_picture_grows_with_the_number_of_classes():
+    small, large = confusion_matrix_image(np.eye(3, dtype=int)), confusion_matrix_image(np.eye(20, dtype=int))
+    assert small.ndim == large.ndim == 3 and small.dtype == np.uint8
+    assert large.shape[0] > small.shape[0] and large.shape[1] > small.shape[1]
 
 
 @pytest.mark.parametrize(

@@ -212,14 +212,18 @@ def test_sample_images_shape_range_and_column_major_patches():
         np.testing.assert_allclose(images[:, k].reshape(8, 8, order="F"), rows[k].reshape(8, 8), rtol=0, atol=1e-12)
 
 
-def test_display_network_writes_a_png_of_the_expected_size(tmp_path):
+def test_display_network_writes_the_grid_enlarged_to_a_readable_png(tmp_path):
     A = np.random.default_rng(0).normal(size=(64, 25))  # 25 filters of 8x8, one per column
     path = tmp_path / "weights.png"
     image = ufldl.display_network(A, str(path))
+    assert image.shape == (46, 46)  # 5 x 5 tiles of 8 px, 1 px border around and between
     with Image.open(path) as png:
         assert png.format == "PNG"
-        assert png.size == (46, 46)  # 5 x 5 tiles of 8 px, 1 px border around and between
-        np.testing.assert_array_equal(np.asarray(png), image)
+        assert png.size == (552, 552)  # the smallest whole multiple of 46 that is >= 512: 12
+        np.testing.assert_array_equal(np.asarray(png), np.kron(image, np.ones((12, 12), np.uint8)))
+    ufldl.display_network(A, str(path), min_size=100)
+    with Image.open(path) as png:
+        assert png.size == (138, 138)  # 3 x 46
 
 
 def test_display_network_draws_columns_column_major_without_writing(tmp_path):

@@ -319,3 +319,12 @@ def test_geometric_median_stays_on_a_heavy_data_point():
 def test_geometric_median_of_a_sample_lands_near_the_centre():
     x = np.random.default_rng(1).normal(size=(20_000, 3)) + [5.0, -2.0, 1.0]
     np.testing.assert_allclose(geometric_median(x, max_rows=2000).numpy(), [5.0, -2.0, 1.0], atol=0.15)
+
+
+def test_an_unshuffled_stream_yields_the_rows_in_their_stored_order_epoch_after_epoch():
+    x = torch.arange(60.0).view(30, 2)
+    stream = VectorStream(x, 4, shuffle_buffer=8, shuffle=False)
+    batches = list(islice(iter(stream), 9))  # 7 whole batches per epoch (the last 2 rows dropped), then again
+    assert [b[:, 0].tolist() for b in batches[:2]] == [[0.0, 2.0, 4.0, 6.0], [8.0, 10.0, 12.0, 14.0]]
+    assert batches[7][:, 0].tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert stream.state_dict()["shuffle"] is False

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..settings import Settings
+from .synthetic import SyntheticDictionary, structure_problems
 from .vectors import ArraySource, VectorSource, open_vectors
 
 NAMED = ("natural-patches", "mnist", "fashion-mnist", "synthetic")
@@ -40,7 +41,18 @@ class DataConfig(Settings):
     synthetic_atoms: int = 256
     """Synthetic data: atoms in the true dictionary."""
     synthetic_k: int = 8
-    """Synthetic data: atoms active in each example."""
+    """Synthetic data: atoms drawn for each example (children and partners come on top)."""
+    synthetic_parents: int = 0
+    """Synthetic data: parent features of a hierarchy, each with --synthetic-children children that fire only with it
+    (the case where feature absorption shows); 0 for none."""
+    synthetic_children: int = 0
+    """Synthetic data: children of each parent; siblings never fire together."""
+    synthetic_child_probability: float = 0.5
+    """Synthetic data: chance that one of a firing parent's children fires with it."""
+    synthetic_pairs: int = 0
+    """Synthetic data: pairs of correlated features; 0 for none."""
+    synthetic_pair_probability: float = 0.5
+    """Synthetic data: chance that a drawn feature of a pair brings its partner."""
     patch_size: int = 8
     """Side of the square image patches, in pixels."""
     corruption: Literal["none", "mask", "gaussian"] = "none"
@@ -51,6 +63,7 @@ class DataConfig(Settings):
 
     def problems(self) -> list[str]:
         problems = self.at_least(1, "n_examples", "synthetic_inputs", "synthetic_atoms", "synthetic_k", "patch_size")
+        problems += ["synthetic data: " + p for p in structure_problems(*self.synthetic_structure())]
         if not 0 <= self.corruption_level < float("inf") or (
             self.corruption == "mask" and not self.corruption_level < 1
         ):
@@ -62,6 +75,18 @@ class DataConfig(Settings):
         except UserError as e:
             problems.append(str(e))
         return problems
+
+    def synthetic_structure(self) -> tuple:
+        """The synthetic dictionary's sizes and chances, in the order of `structure_problems`."""
+        return (
+            self.synthetic_atoms,
+            self.synthetic_k,
+            self.synthetic_parents,
+            self.synthetic_children,
+            self.synthetic_pairs,
+            self.synthetic_child_probability,
+            self.synthetic_pair_probability,
+        )
 
     @property
     def labelled(self) -> bool:
@@ -94,6 +119,7 @@ class Dataset(NamedTuple):
     description: str
     source: VectorSource  # the same rows as a source that streams
     true_atoms: torch.Tensor | None = None  # synthetic data: the dictionary that made it (n_atoms, n_inputs)
+    true_parents: torch.Tensor | None = None  # synthetic data: each atom's parent (n_atoms,), -1 for none
 
     def in_memory(self) -> torch.Tensor:
         """The rows x, which the settings' checks guarantee wherever they are asked for."""
@@ -125,10 +151,11 @@ def _digit_images(cfg: DataConfig, split: str, n: int | None) -> tuple[np.ndarra
     return images, labels, (28, 28), f"{len(images)} {which}{cfg.data} {split} images"
 
 
-def _to_dataset(x, labels, image_shape, description, name: str, dtype, device, true_atoms=None) -> Dataset:
+def _to_dataset(x, labels, image_shape, description, name: str, dtype, device, truth=None) -> Dataset:
     x = torch.as_tensor(x).to(dtype=dtype, device=device)
     labels = None if labels is None else torch.as_tensor(labels)
-    return Dataset(x, labels, image_shape, description, ArraySource(x.cpu(), name), true_atoms)
+    atoms, parents = (None, None) if truth is None else (torch.as_tensor(truth.atoms), truth.parent_of)
+    return Dataset(x, labels, image_shape, description, ArraySource(x.cpu(), name), atoms, parents)
 
 
 def load_training_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0) -> Dataset:
@@ -140,15 +167,7 @@ def load_training_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, devi
     if cfg.data in LABELLED:
         return _to_dataset(*_digit_images(cfg, "train", cfg.n_examples), cfg.data, dtype, device)
     if cfg.data == "synthetic":
-        from .synthetic import SyntheticDictionary
-
-        truth = SyntheticDictionary(cfg.synthetic_inputs, cfg.synthetic_atoms, cfg.synthetic_k, seed=seed)
-        sample = truth.sample(cfg.n_examples)
-        description = (
-            f"{cfg.n_examples} synthetic vectors of {cfg.synthetic_inputs}: {cfg.synthetic_k} of "
-            f"{cfg.synthetic_atoms} known atoms each"
-        )
-        return _to_dataset(sample.x, None, None, description, cfg.data, dtype, device, torch.as_tensor(truth.atoms))
+        return _synthetic(cfg, dtype, device, seed)
     from .images import natural_image_patches
 
     patches = natural_image_patches(cfg.n_examples, cfg.patch_size, seed=seed, images_mat=cfg.images_mat)
@@ -156,6 +175,31 @@ def load_training_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, devi
     shape = (cfg.patch_size, cfg.patch_size)
     description = f"{cfg.n_examples} {cfg.patch_size}x{cfg.patch_size} patches of {origin}"
     return _to_dataset(patches, None, shape, description, cfg.data, dtype, device)
+
+
+def _synthetic(cfg: DataConfig, dtype, device, seed: int) -> Dataset:
+    truth = SyntheticDictionary(
+        cfg.synthetic_inputs,
+        cfg.synthetic_atoms,
+        cfg.synthetic_k,
+        seed=seed,
+        n_parents=cfg.synthetic_parents,
+        n_children=cfg.synthetic_children,
+        child_probability=cfg.synthetic_child_probability,
+        n_pairs=cfg.synthetic_pairs,
+        pair_probability=cfg.synthetic_pair_probability,
+    )
+    sample = truth.sample(cfg.n_examples)
+    structure = ""
+    if cfg.synthetic_parents:
+        structure += f", {cfg.synthetic_parents} parents with {cfg.synthetic_children} children each"
+    if cfg.synthetic_pairs:
+        structure += f", {cfg.synthetic_pairs} correlated pairs"
+    description = (
+        f"{cfg.n_examples} synthetic vectors of {cfg.synthetic_inputs}: {cfg.synthetic_k} of "
+        f"{cfg.synthetic_atoms} known atoms each{structure}"
+    )
+    return _to_dataset(sample.x, None, None, description, cfg.data, dtype, device, truth)
 
 
 def load_test_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, device="cpu") -> Dataset:

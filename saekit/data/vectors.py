@@ -223,7 +223,8 @@ class VectorStream:
     `state_dict`), so a second loop over the same stream picks up where the first stopped.
     drop_last=True drops the last n % B rows of each epoch (a different set each epoch);
     drop_last=False yields them as a short final batch and needs world_size=1, since a
-    short batch cannot be split evenly.
+    short batch cannot be split evenly. shuffle=False reads the rows in their stored order
+    (for data shuffled already, and for benchmarks that feed every trainer the same batches).
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class VectorStream:
         world_size: int = 1,
         drop_last: bool = True,
         epochs: int | None = None,
+        shuffle: bool = True,
     ):
         self.source = open_vectors(source)
         chunk_size = chunk_size or max(1, shuffle_buffer // 16)
@@ -271,6 +273,7 @@ class VectorStream:
             )
         self.batch_size, self.shuffle_buffer, self.chunk_size = batch_size, shuffle_buffer, chunk_size
         self.seed, self.dtype, self.rank, self.drop_last, self.epochs = seed, dtype, rank, drop_last, epochs
+        self.shuffle = shuffle
         self.n_chunks = math.ceil(self.source.n / chunk_size)
         full, rest = divmod(self.source.n, self.global_batch)
         self.steps_per_epoch = full + (rest > 0 and not drop_last)
@@ -286,6 +289,7 @@ class VectorStream:
             "shuffle_buffer": self.shuffle_buffer,
             "chunk_size": self.chunk_size,
             "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
         }
 
     def state_dict(self) -> dict:
@@ -305,7 +309,8 @@ class VectorStream:
 
     def _layout(self, epoch: int) -> tuple[list[np.ndarray], list[int]]:
         """Epoch's windows (chunk ids, sorted for forward reads) and their first stream positions."""
-        order = np.random.default_rng([self.seed, epoch, 0, 0]).permutation(self.n_chunks)
+        chunks = np.arange(self.n_chunks)
+        order = np.random.default_rng([self.seed, epoch, 0, 0]).permutation(chunks) if self.shuffle else chunks
         per_window = self.shuffle_buffer // self.chunk_size
         windows = [np.sort(order[i : i + per_window]) for i in range(0, self.n_chunks, per_window)]
         sizes = [
@@ -324,7 +329,8 @@ class VectorStream:
             check_finite(block, self.source, start)
             at += stop - start
         # Fixed-length seeds: numpy's SeedSequence treats [s, e] and [s, e, 0] alike.
-        perm = np.random.default_rng([self.seed, epoch, 1, index]).permutation(size)
+        rng = np.random.default_rng([self.seed, epoch, 1, index])
+        perm = rng.permutation(size) if self.shuffle else np.arange(size)
         return rows, torch.from_numpy(perm)
 
     def __iter__(self):

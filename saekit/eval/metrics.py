@@ -2,10 +2,11 @@
 
 `evaluate` reports the loss the model trains on (its terms from the forward pass, in evaluation
 mode) over rows in memory; `evaluate_stream` the reconstruction and sparsity of a dictionary
-over a stream of any size.
+over a stream of any size; `filter_localization` how local the filters learned on images are.
 """
 
 import torch
+import torch.nn.functional as F
 
 from ..data.vectors import check_finite
 
@@ -83,3 +84,22 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
         "decoder_norm_max": float(norms.max()),
     }
     return metrics, density
+
+
+@torch.no_grad()
+def filter_localization(filters: torch.Tensor, image_shape: tuple[int, int]) -> float:
+    """How local filters on images are: the share of each filter's energy (sum of squares) inside
+    its best window of half the image's height and width, averaged over the filters.
+
+    filters is (n_filters, h * w), each row an h x w image in row-major order (the encoder W1 for
+    image_shape (h, w)); the window is (h // 2, w // 2), 4x4 on 8x8 patches. The share is 1 for a
+    filter whose energy lies within one such window and about 1/4 for energy spread evenly over
+    the image. Filters that are all zero have no share and are left out; NaN if all are.
+    """
+    h, w = image_shape
+    energy = filters.detach().double().reshape(-1, 1, h, w).pow(2)
+    window = (max(1, h // 2), max(1, w // 2))
+    best = F.avg_pool2d(energy, window, stride=1).amax(dim=(1, 2, 3)) * (window[0] * window[1])
+    total = energy.sum(dim=(1, 2, 3))
+    shares = best[total > 0] / total[total > 0]
+    return float(shares.mean()) if shares.numel() else float("nan")

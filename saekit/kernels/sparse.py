@@ -2,7 +2,12 @@
 
 Encoding. The one dense product z2 = x W1^T + bias is unavoidable; after the selection of k
 codes per row, only the selected entries carry a gradient, so the encoder's backward pass is
-k-sparse too (see `_SparseEncode`).
+k-sparse too (see `_SparseEncode`). The product's output buffer is reused from step to step
+(a fresh (batch, n_hidden) array costs page faults every time).
+
+On the CPU in float32 or float64, the selection and every k-sparse loop run in compiled code
+(saekit.kernels.sparse_cpu, Numba) several times faster than torch's generic operators;
+elsewhere torch's operators (`topk`, `embedding_bag` and its backward) compute the same.
 
 Decoding.
 
@@ -34,7 +39,52 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import blas
+from . import blas, sparse_cpu
+
+_buffers: dict[tuple, torch.Tensor] = {}  # the encoder product's output, by (shape, dtype, device)
+
+
+def _product_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    key = (rows, cols, like.dtype, like.device)
+    if key not in _buffers:
+        _buffers.clear()  # one shape at a time: a new shape frees the old buffer
+        _buffers[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+    return _buffers[key]
+
+
+def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices int64), both (batch, k): each row's k largest entries of z, in no order."""
+    if sparse_cpu.available(z):
+        return sparse_cpu.row_topk(z, k)
+    return z.topk(k, dim=1, sorted=False)
+
+
+def row_support(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, width) int64: the columns where each row of mask (batch, n) is True, padded with other
+    columns (whose codes are then 0); width must be at least the largest count of a row."""
+    if sparse_cpu.available(mask, any_dtype=True):
+        return sparse_cpu.row_support(mask, width)
+    return mask.to(torch.float32).topk(width, dim=1, sorted=False).indices
+
+
+def sorted_row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_topk with each row's k values in descending order."""
+    values, indices = row_topk(z, k)
+    values, order = values.sort(dim=1, descending=True)
+    return values, indices.gather(1, order)
+
+
+def unit_sums(indices: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, n: int):
+    """(out (n, d), sums (n,)): out[i] = sum over (b, j) with indices[b, j] = i of w[b, j] rows[b], and
+    sums[i] the sum of those w[b, j]: the weight and bias gradients of a k-sparse layer."""
+    if sparse_cpu.available(rows, w):
+        return sparse_cpu.unit_sums(indices, w, rows, n)
+    sums = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_add_(0, indices.reshape(-1), w.reshape(-1))
+    with torch.enable_grad():
+        W = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device, requires_grad=True)
+        bag = F.embedding_bag(indices, W, per_sample_weights=w.to(rows.dtype), mode="sum")
+        (out,) = torch.autograd.grad(bag, W, grad_outputs=rows)
+    return out, sums
 
 
 class SparseCodes(NamedTuple):
@@ -60,21 +110,19 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W1, bias, k, select, dead, aux_k):
         device = x.device.type
+        z2 = _product_buffer(x.shape[0], W1.shape[0], x)
         if torch.is_autocast_enabled(device):  # the one dense product in low precision, the rest in x's dtype
             low = torch.get_autocast_dtype(device)
-            z2 = torch.addmm(bias.to(low), x.to(low), W1.t().to(low)).to(x.dtype)
+            z2.copy_(torch.addmm(bias.to(low), x.to(low), W1.t().to(low)))
         else:
-            z2 = blas.matmul(x, W1.t(), torch.empty(x.shape[0], W1.shape[0], dtype=x.dtype, device=x.device))
-            z2.add_(bias)
-        values, indices = select(z2) if select is not None else z2.topk(k, dim=1, sorted=False)
+            blas.matmul(x, W1.t(), z2).add_(bias)
+        values, indices = select(z2) if select is not None else row_topk(z2, k)
         values = values.relu()
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
         if dead is not None and aux_k > 0:
             n_dead = int(dead.sum())
             if n_dead > 0:
-                aux_values, aux_indices = z2.masked_fill_(~dead, -torch.inf).topk(
-                    min(aux_k, n_dead), dim=1, sorted=False
-                )
+                aux_values, aux_indices = row_topk(z2.masked_fill_(~dead, -torch.inf), min(aux_k, n_dead))
                 aux_values = aux_values.relu()
         ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
         ctx.mark_non_differentiable(indices, aux_indices)
@@ -84,16 +132,38 @@ class _SparseEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _, grad_aux, __):
         x, W1, indices, active = ctx.saved_tensors
         g = torch.cat([grad_values, grad_aux], 1) * active
-        grad_bias = torch.zeros(W1.shape[0], dtype=g.dtype, device=g.device).index_add_(
-            0, indices.reshape(-1), g.reshape(-1)
-        )
-        with torch.enable_grad():
-            W = W1.detach().requires_grad_()
-            bag = F.embedding_bag(indices, W, per_sample_weights=g, mode="sum")
-            (grad_W1,) = torch.autograd.grad(bag, W, grad_outputs=x)
-        # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: the same bag, forward (needed only for attribution).
-        grad_x = F.embedding_bag(indices, W1, per_sample_weights=g, mode="sum") if ctx.needs_input_grad[0] else None
-        return grad_x, grad_W1, grad_bias, None, None, None, None
+        grad_W1, grad_bias = unit_sums(indices, g, x, W1.shape[0])
+        # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: a k-sparse decoding (needed only for attribution).
+        grad_x = _gather_sum(indices, g, W1) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_W1.to(W1.dtype), grad_bias.to(W1.dtype), None, None, None, None
+
+
+def _gather_sum(indices: torch.Tensor, values: torch.Tensor, W_rows: torch.Tensor) -> torch.Tensor:
+    """(batch, d): sum_j values[b, j] W_rows[indices[b, j]]."""
+    if sparse_cpu.available(W_rows, values):
+        return sparse_cpu.gather_sum(indices, values, W_rows)
+    return F.embedding_bag(indices, W_rows, per_sample_weights=values.to(W_rows.dtype), mode="sum")
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x_hat = sum_j values[b, j] W_rows[indices[b, j]], forward and backward in compiled k-sparse loops:
+
+    dL/dvalues[b, j] = W_rows[indices[b, j]] . dL/dx_hat[b]
+    dL/dW_rows[i]    = sum over (b, j) with indices[b, j] = i of values[b, j] dL/dx_hat[b]
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_rows):
+        ctx.save_for_backward(values, indices, W_rows)
+        ctx.mark_non_differentiable(indices)
+        return sparse_cpu.gather_sum(indices, values, W_rows)
+
+    @staticmethod
+    def backward(ctx, grad_x_hat):
+        values, indices, W_rows = ctx.saved_tensors
+        grad_values = sparse_cpu.gather_dot(indices, W_rows, grad_x_hat) if ctx.needs_input_grad[0] else None
+        grad_rows = sparse_cpu.unit_sums(indices, values, grad_x_hat, W_rows.shape[0])[0]
+        return grad_values, None, grad_rows.to(W_rows.dtype) if ctx.needs_input_grad[2] else None
 
 
 def sparse_encode(x, W1, bias, k: int, select=None, dead=None, aux_k: int = 0):
@@ -159,7 +229,10 @@ def sparse_decode(
             "W_dec_rows must be contiguous, one atom per row in memory: pass model.W2.t() "
             "of a saekit model, or W.t().contiguous() for a (d, n_hidden) decoder W."
         )
-    x_hat = F.embedding_bag(indices, W_dec_rows, per_sample_weights=values, mode="sum")
+    if sparse_cpu.available(W_dec_rows, values):
+        x_hat = _SparseDecode.apply(values, indices, W_dec_rows)
+    else:
+        x_hat = F.embedding_bag(indices, W_dec_rows, per_sample_weights=values, mode="sum")
     if bias is None:
         return x_hat
     if bias.shape != (W_dec_rows.shape[1],):

@@ -4,6 +4,7 @@
     relu       ReLU codes with an L1 penalty, optionally weighted by decoder column norms
     topk       each example's k largest codes, AuxK for dead units
     batchtopk  the batch's k * batch largest codes; a threshold at inference
+    matryoshka BatchTopK whose nested prefixes of units each learn to reconstruct
     jumprelu   ReLU above a learned per-unit threshold, L0 penalty
 
 A kind is a `SparseAutoencoder` subclass with its settings (a `ModelConfig` subclass) as `Config`.
@@ -18,6 +19,7 @@ from ..errors import UserError
 from .base import Codes, LossTerms, ModelConfig, Output, SparseAutoencoder
 from .batchtopk import BatchTopK
 from .jumprelu import JumpReLU
+from .matryoshka import Matryoshka
 from .relu import ReLU
 from .sigmoid import Sigmoid
 from .topk import TopK
@@ -31,7 +33,7 @@ def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
     return cls
 
 
-for _kind in (Sigmoid, ReLU, TopK, BatchTopK, JumpReLU):
+for _kind in (Sigmoid, ReLU, TopK, BatchTopK, Matryoshka, JumpReLU):  # SAELens import: the first that reads a file
     register(_kind)
 
 

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..kernels.sparse import SparseCodes, dense_codes, sparse_decode
+from ..kernels.sparse import SparseCodes, dense_codes, row_support, sparse_decode
 from ..settings import Settings
 from .penalties import weight_decay
 
 Codes = torch.Tensor | SparseCodes  # dense (batch, n_hidden), or k per row for the TopK family
+SPARSE_DECODE_SHARE = 8  # dense codes decode sparsely when no row has more than n_hidden / this in use
 OUTPUTS = {"sigmoid": torch.sigmoid, "linear": lambda z: z}
 
 
@@ -59,6 +60,11 @@ class ModelConfig(Settings):
     """Start the decoder as the encoder's transpose, with unit-norm columns."""
     weight_decay: float = 0.0
     """lambda: weight decay (lambda/2)(||W1||^2 + ||W2||^2); biases carry none."""
+
+    @classmethod
+    def default_lr(cls, n_hidden: int) -> float | None:
+        """The learning rate a run of this kind starts from when none is given (None: OptimConfig's)."""
+        return None
 
     def problems(self) -> list[str]:
         """The common checks; a kind's config extends them with its own."""
@@ -176,8 +182,30 @@ class SparseAutoencoder(nn.Module):
         """
         z2 = self.pre_activations(x)
         h = self.sparsify(z2)
-        x_hat = self.decode(h)
+        x_hat = self.decode(self._sparse_view(h, z2))
         return self.output(x_hat, h, self.error(x_hat, x, target), self.penalty(h, z2))
+
+    def _sparse_view(self, h: Codes, z2: torch.Tensor) -> Codes:
+        """Dense codes h as SparseCodes where few are in the kind's decode support, so that decoding and its
+        gradients cost batch x (codes in use) x n_inputs instead of batch x n_hidden x n_inputs.
+
+        The view is exact: it gathers h at the support (padded to the widest row), and the codes
+        outside it have no gradient (see decode_support).
+        """
+        support = self.decode_support(z2)
+        if support is None or not isinstance(h, torch.Tensor):
+            return h
+        widest = int(support.sum(1).max())
+        if widest * SPARSE_DECODE_SHARE > self.n_hidden:
+            return h
+        indices = row_support(support, max(widest, 1))
+        return SparseCodes(h.gather(1, indices), indices)
+
+    def decode_support(self, z2: torch.Tensor) -> torch.Tensor | None:
+        """(batch, n_hidden) bool: the codes whose gradient can be non-zero (where the kind's activation
+        has a slope, or its threshold a straight-through window); None decodes densely. Override in a
+        kind whose dense codes are mostly zero."""
+        return None
 
     def error(self, x_hat: torch.Tensor, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """x_hat - y (batch, n_inputs), in the target's dtype (x_hat may be lower under autocast)."""
@@ -283,6 +311,35 @@ class SparseAutoencoder(nn.Module):
 
     def load_saelens_tensors(self, tensors: dict) -> None:
         """Load the tensors of saelens_tensors() back."""
+
+    # --- sparsify's format (see saekit.interop.sparsify); a kind without an equivalent keeps None
+
+    sparsify_activation: ClassVar[str | None] = None
+
+    def sparsify_fields(self) -> dict:
+        """Fields of sparsify's cfg.json beyond d_in, num_latents and activation (k)."""
+        return {}
+
+    @classmethod
+    def from_sparsify(cls, cfg: dict, where: str) -> dict | None:
+        """This kind's settings for a sparsify cfg.json (missing fields at sparsify's defaults) it reads, or None."""
+        return None
+
+    # --- dictionary_learning's format (see saekit.interop.dictionary_learning); None: no equivalent
+
+    dictionary_learning_class: ClassVar[str | None] = None
+
+    def dictionary_learning_buffers(self) -> dict[str, torch.Tensor]:
+        """Entries of ae.pt beyond the encoder's and decoder's weights and biases (k, threshold)."""
+        return {}
+
+    @classmethod
+    def from_dictionary_learning(cls, trainer: dict, state: dict, where: str) -> dict | None:
+        """This kind's settings for an ae.pt whose config.json says `trainer` (its dict_class), or None."""
+        return None
+
+    def load_dictionary_learning_buffers(self, state: dict) -> None:
+        """Load the entries of dictionary_learning_buffers() back."""
 
     # --- shared utilities
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..kernels.sparse import SparseCodes
+from ..kernels.sparse import SparseCodes, sorted_row_topk
 from .base import Output, SparseAutoencoder
 from .topk import TopK, TopKConfig
 
@@ -55,7 +55,7 @@ class BatchTopK(TopK):
 
     @classmethod
     def from_saelens(cls, cfg: dict, tensors: dict, where: str) -> dict | None:
-        """A "jumprelu" SAE that saekit exported from a batchtopk dictionary (its metadata says so)."""
+        """A "jumprelu" SAE that saekit exported from a dictionary of this kind (its metadata says so)."""
         metadata = cfg.get("metadata")
         saekit = metadata.get("saekit_architecture") if isinstance(metadata, dict) else None
         if cfg.get("architecture") != "jumprelu" or not isinstance(saekit, dict):
@@ -63,13 +63,24 @@ class BatchTopK(TopK):
         threshold = tensors.get("threshold")
         one_threshold = threshold is not None and threshold.ndim == 1 and bool((threshold == threshold[0]).all())
         k = saekit.get("k")
-        if saekit.get("kind", saekit.get("activation")) != "batchtopk" or not one_threshold or type(k) is not int:
+        if saekit.get("kind", saekit.get("activation")) != cls.Config.kind or not one_threshold or type(k) is not int:
             return None
         return {"k": k}
 
     def load_saelens_tensors(self, tensors: dict) -> None:
         with torch.no_grad():
             self.batch_topk.threshold.copy_(tensors["threshold"][0])
+
+    sparsify_activation = None  # sparsify's coders keep each example's k largest codes: TopK, not this
+
+    dictionary_learning_class = "BatchTopKSAE"  # whose inference is the same threshold, on relu(z2)
+
+    def dictionary_learning_buffers(self) -> dict[str, torch.Tensor]:
+        return super().dictionary_learning_buffers() | {"threshold": self.batch_topk.threshold}
+
+    def load_dictionary_learning_buffers(self, state: dict) -> None:
+        with torch.no_grad():
+            self.batch_topk.threshold.copy_(state["threshold"])
 
 
 class BatchSelection(nn.Module):
@@ -101,7 +112,7 @@ class BatchSelection(nn.Module):
         # candidates kept): then it may hold more, and we widen. Rarely needed beyond 4k.
         width = min(4 * self.k, n_hidden)
         while True:
-            values, indices = z2.topk(width, dim=1, sorted=True)
+            values, indices = sorted_row_topk(z2, width)
             threshold = self._batch_threshold(values, n_keep)
             full = bool((values[:, -1] >= threshold).any()) and width < n_hidden
             if not distributed.any_true(full):

@@ -57,6 +57,11 @@ class JumpReLU(SparseAutoencoder):
     def penalty(self, h: Codes, z2: torch.Tensor) -> torch.Tensor | None:
         return self.cfg.beta * self.jumprelu.l0(z2) if self.cfg.penalty == "l0" else None
 
+    def decode_support(self, z2: torch.Tensor) -> torch.Tensor:
+        """Codes above the threshold, and those within the straight-through window below it (their
+        dL/dh moves the threshold, though they are 0)."""
+        return z2 > self.jumprelu.log_threshold.exp().detach() - self.cfg.jumprelu_bandwidth / 2
+
     def kind_summary(self) -> str:
         return f"jumprelu, penalty {self.cfg.penalty} (beta={self.cfg.beta})"
 
@@ -77,6 +82,23 @@ class JumpReLU(SparseAutoencoder):
     def load_saelens_tensors(self, tensors: dict) -> None:
         with torch.no_grad():
             self.jumprelu.log_threshold.copy_(log_threshold(tensors["threshold"]))
+
+    dictionary_learning_class = "JumpReluAutoEncoder"
+
+    def dictionary_learning_buffers(self) -> dict[str, torch.Tensor]:
+        return self.saelens_tensors()  # threshold (n_hidden,), as SAELens keeps it
+
+    def load_dictionary_learning_buffers(self, state: dict) -> None:
+        self.load_saelens_tensors(state)
+
+    @classmethod
+    def from_dictionary_learning(cls, trainer: dict, state: dict, where: str) -> dict | None:
+        if trainer["dict_class"] != cls.dictionary_learning_class:
+            return None
+        bandwidth = trainer.get("bandwidth")  # its JumpReluTrainer's, the same rectangle window as saekit's
+        if isinstance(bandwidth, (int, float)) and 0 < bandwidth < math.inf:
+            return {"jumprelu_bandwidth": float(bandwidth)}
+        return {}
 
 
 def log_threshold(theta: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,9 @@ class ReLU(SparseAutoencoder):
             return cfg.beta * contractive((h > 0).to(h.dtype), self.W1)
         return None
 
+    def decode_support(self, z2: torch.Tensor) -> torch.Tensor:
+        return z2 > 0  # where the ReLU has a slope; elsewhere a code is 0 and stays so
+
     def kind_summary(self) -> str:
         return f"relu, penalty {self.cfg.penalty} (beta={self.cfg.beta})"
 
@@ -57,3 +60,10 @@ class ReLU(SparseAutoencoder):
     def from_saelens(cls, cfg: dict, tensors: dict, where: str) -> dict | None:
         activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
         return {} if (cfg.get("architecture", "standard"), activation_fn) == ("standard", "relu") else None
+
+    dictionary_learning_class = "AutoEncoder"
+
+    @classmethod
+    def from_dictionary_learning(cls, trainer: dict, state: dict, where: str) -> dict | None:
+        # AutoEncoderNew: Anthropic's April update, the decoder's bias not subtracted before encoding
+        return {} if trainer["dict_class"] in ("AutoEncoder", "AutoEncoderNew") else None

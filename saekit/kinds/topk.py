@@ -11,6 +11,7 @@ Only the encoder's forward product is dense: the selection's backward pass and t
 k-sparse (`saekit.kernels.sparse`), so a step costs little beyond that one product.
 """
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -18,7 +19,7 @@ import torch
 
 from .. import distributed
 from ..errors import UserError
-from ..kernels.sparse import SparseCodes, sparse_decode, sparse_encode
+from ..kernels.sparse import SparseCodes, row_topk, sparse_decode, sparse_encode
 from .base import ModelConfig, Output, SparseAutoencoder
 
 
@@ -38,6 +39,12 @@ class TopKConfig(ModelConfig):
     aux_coefficient: float = 0.03125
     """Weight of the AuxK loss."""
 
+    @classmethod
+    def default_lr(cls, n_hidden: int) -> float:
+        """4e-3 at 4,096 units, scaled by 1/sqrt(width) as Gao et al. (2024) find for TopK dictionaries.
+        4e-3 was the best of 1e-3 ... 1e-2 on MiniLM activations at width 4,096 (README, "The default recipe")."""
+        return 4e-3 * math.sqrt(4096 / n_hidden)
+
     def problems(self) -> list[str]:
         problems = (
             super().problems()
@@ -55,7 +62,7 @@ class TopK(SparseAutoencoder):
     cfg: TopKConfig
 
     def sparsify(self, z2: torch.Tensor) -> SparseCodes:
-        values, indices = z2.topk(self.cfg.k, dim=1, sorted=False)
+        values, indices = row_topk(z2, self.cfg.k)
         return SparseCodes(values.relu(), indices)
 
     def selection(self):
@@ -88,15 +95,48 @@ class TopK(SparseAutoencoder):
         if architecture != "topk" and (architecture, activation_fn) != ("standard", "topk"):
             return None
         kwargs = cfg.get("activation_fn_kwargs")
-        k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
-        if type(k) is not int or k < 1:
-            raise UserError(f"{where}: k must be a whole number >= 1 (got {k!r}).")
+        k = whole_k(cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None), where)
         if cfg.get("rescale_acts_by_decoder_norm"):
             # SAELens selects on hidden_pre * ||W_dec row|| and decodes codes / ||W_dec row||: fold both in.
             norms = tensors["W_dec"].norm(dim=1)
             tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
             tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
         return {"k": k}
+
+    sparsify_activation: ClassVar[str | None] = "topk"
+
+    def sparsify_fields(self) -> dict:
+        return {"k": self.cfg.k}
+
+    @classmethod
+    def from_sparsify(cls, cfg: dict, where: str) -> dict | None:
+        return {"k": whole_k(cfg["k"], where)} if cfg["activation"] == cls.sparsify_activation else None
+
+    dictionary_learning_class = "AutoEncoderTopK"
+
+    def dictionary_learning_buffers(self) -> dict[str, torch.Tensor]:
+        """k, and threshold -1: dictionary_learning's "not estimated" (its TopK encodes with k unless asked)."""
+        return {"k": torch.tensor(self.cfg.k, dtype=torch.int32), "threshold": self.W1.new_tensor(-1.0)}
+
+    @classmethod
+    def from_dictionary_learning(cls, trainer: dict, state: dict, where: str) -> dict | None:
+        if trainer["dict_class"] != cls.dictionary_learning_class:
+            return None
+        k = state.get("k")
+        if not isinstance(k, torch.Tensor) or k.ndim != 0 or k.is_floating_point() or k.dtype == torch.bool:
+            got = f"{k.dtype} of shape {tuple(k.shape)}" if isinstance(k, torch.Tensor) else repr(k)
+            raise UserError(f"{where}: k must be a whole number (a 0-d integer tensor), got {got}.")
+        k = whole_k(int(k), where)
+        if trainer.get("k", k) != k:
+            raise UserError(f"{where} has k = {k}, but its config.json says k = {trainer['k']!r}.")
+        return {"k": k}
+
+
+def whole_k(k, where: str) -> int:
+    """k, read from another library's file, if it is a whole number >= 1."""
+    if type(k) is not int or k < 1:
+        raise UserError(f"{where}: k must be a whole number >= 1 (got {k!r}).")
+    return k
 
 
 def auxk_loss(residual: torch.Tensor, aux: SparseCodes, W2: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,10 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return bool(self._units())
 
+    def checkpoint_steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, newest first (not yet checked)."""
+        return [_unit_step(unit) for unit in self._units()]
+
     def discard(self) -> None:
         """Remove what a run wrote before its first checkpoint (and the folder, if this process made it)."""
         for name in (CONFIG, INITIAL, HISTORY, STATE):
@@ -336,8 +340,9 @@ class RunFolder:
         units = [p for p in folder.iterdir() if p.is_dir() and UNIT.fullmatch(p.name)] if folder.is_dir() else []
         return sorted(units, reverse=True)
 
-    def load_checkpoint(self, settings: dict, device: str = "cpu") -> Checkpoint | None:
-        """The newest checkpoint that is whole and matches `settings`; None if the run has none yet.
+    def load_checkpoint(self, settings: dict, device: str = "cpu", at_most: int | None = None) -> Checkpoint | None:
+        """The newest checkpoint (of a step up to at_most, if given) that is whole and matches `settings`;
+        None if the run has none yet.
 
         Leftovers of killed writes are removed first. A damaged checkpoint is skipped for the one
         before (the result says which and why); settings that differ from the checkpoint's, or no
@@ -352,6 +357,8 @@ class RunFolder:
             )
         skipped: list[str] = []
         for unit in self._units():
+            if at_most is not None and _unit_step(unit) > at_most:
+                continue
             try:
                 checkpoint = self._read_checkpoint(unit, device)
             except DamagedUnit as e:
@@ -365,7 +372,7 @@ class RunFolder:
 
     def _read_checkpoint(self, unit: Path, device: str) -> Checkpoint:
         manifest, files = read_unit(unit)
-        step = int(unit.name.removeprefix("step-"))
+        step = _unit_step(unit)
         try:
             state = torch.load(io.BytesIO(files["trainer.pt"]), weights_only=True)
             consistent = manifest["step"] == step == state["step"]
@@ -379,6 +386,10 @@ class RunFolder:
             raise DamagedUnit(str(e)) from None
         history = _history_rows(files["history.csv"].decode().split("\n")[:-1])
         return Checkpoint(step, model, state, history, manifest.get("settings", {}), [])
+
+
+def _unit_step(unit: Path) -> int:
+    return int(unit.name.removeprefix("step-"))
 
 
 def _check_settings(unit: Path, saved: dict, now: dict) -> None:

@@ -31,11 +31,12 @@ from ..classify import classify
 from ..classify.stacked import Layers, pretrain_stack
 from ..config import TrainConfig
 from ..data import Dataset, load_training_data
-from ..data.synthetic import recovery_score
+from ..data.synthetic import dictionary_metrics
 from ..errors import Diverged, UserError
 from ..eval import evaluate, evaluate_stream
+from ..eval.metrics import filter_localization
 from ..kinds import SparseAutoencoder, build
-from ..train import check_fits, estimate, trainer_for
+from ..train import Estimate, check_fits, estimate, trainer_for
 from ..train.control import StepBoundaryStop, TermAsInterrupt
 from ..viz.report import save_confusion_png, save_density_png, write_pictures
 from .folder import CLASSIFICATION, INITIAL, METRICS, STATE, TENSORBOARD, RunFolder
@@ -119,8 +120,9 @@ def resume_run(run_dir: str | Path, changes: dict | None = None, *, progress: bo
     return _train(folder, cfg, data, resumed=True, progress=progress, changes=differing)
 
 
-def _prepare(cfg: TrainConfig) -> Dataset:
-    """What must hold before anything is written: the device, optional packages, the data, the memory."""
+def _prepare(cfg: TrainConfig, *others: TrainConfig) -> Dataset:
+    """What must hold before anything is written: the device, optional packages, the data, the memory
+    (of this run's model, and of the others trained beside it in a sweep)."""
     cfg.run.require_device()
     if cfg.run.tensorboard:
         _summary_writer_class()
@@ -130,7 +132,8 @@ def _prepare(cfg: TrainConfig) -> Dataset:
     if data.x is not None:
         _check_data(data.x, cfg)
     itemsize = torch.empty(0, dtype=cfg.run.torch_dtype).element_size()
-    check_fits(estimate(data.source.d, cfg.model.n_hidden, cfg.optim, itemsize, data.source.n), cfg.run.device)
+    needs = [estimate(data.source.d, c.model.n_hidden, c.optim, itemsize, data.source.n) for c in (cfg, *others)]
+    check_fits(Estimate(*(sum(parts) for parts in zip(*needs))), cfg.run.device)
     return data
 
 
@@ -166,9 +169,10 @@ def _fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.flat().items() if k not in RESUMABLE}
 
 
-def _start(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool):
-    """(model, trainer state, history) to train from: the newest sound checkpoint, or the seed's start."""
-    checkpoint = folder.load_checkpoint(_fixed_settings(cfg), cfg.run.device) if resumed else None
+def _start(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, at_most: int | None = None):
+    """(model, trainer state, history) to train from: the newest sound checkpoint (of a step up to
+    at_most), or the seed's start."""
+    checkpoint = folder.load_checkpoint(_fixed_settings(cfg), cfg.run.device, at_most) if resumed else None
     if checkpoint is None:
         if resumed:
             _say(f"{folder} has no checkpoint yet: training from the start")
@@ -184,45 +188,78 @@ def _start(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool):
     return checkpoint.model, checkpoint.trainer_state, checkpoint.history
 
 
+class Job:
+    """The training of one run folder: its model and trainer (from the start or the newest sound
+    checkpoint), its checkpoints and its results. A sweep runs several, on one stream."""
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        cfg: TrainConfig,
+        data: Dataset,
+        resumed: bool,
+        *,
+        stream=None,
+        at_most: int | None = None,
+    ):
+        self.folder, self.cfg, self.data = folder, cfg, data
+        self.model, state, history = _start(folder, cfg, data, resumed, at_most)
+        self.trainer = trainer_for(
+            self.model,
+            data,
+            cfg.optim,
+            seed=cfg.run.seed,
+            corruption=cfg.data.corruption_fn(),
+            state=state,
+            history=history,
+            stream=stream,
+        )
+        self.settings = _fixed_settings(cfg)
+        self.on_row = _row_writer(folder, cfg)
+
+    def checkpoint(self) -> None:
+        """A checkpoint unit of the trainer's present step (never of weights that are not finite)."""
+        if not distributed.is_main():
+            return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise Diverged(
+                f"the weights hold NaN or infinite values after step {self.trainer.step}; the learning "
+                f"rate (--lr) or a penalty weight is likely too large: start again with a smaller one"
+            )
+        cfg, trainer = self.cfg, self.trainer
+        self.folder.save_checkpoint(
+            self.model, trainer.state_dict(), trainer.history, self.settings, cfg.optim.keep_checkpoints
+        )
+        self.folder.write_state(trainer.step, trainer.total_steps)
+
+    def result(self, interrupted: bool, progress: bool) -> RunResult:
+        """The run's results, written once its training is done (see _finish)."""
+        folder, trainer = self.folder, self.trainer
+        final = self.model.folded(trainer.scale)
+        if not distributed.is_main():
+            return RunResult(folder, final, {}, trainer.history, interrupted, [])
+        if interrupted:
+            return RunResult(folder, final, {}, trainer.history, True, [folder.file(STATE)])
+        try:
+            return _finish(folder, self.cfg, self.data, final, trainer.history, trainer.total_steps, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(folder) from None
+
+
 def _train(
     folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, progress: bool, changes: dict | None = None
 ) -> RunResult:
     """Train from the start or the newest checkpoint; `changes` (settings changed on resume) are recorded
     in config.json once the checkpoint has been read."""
     with TermAsInterrupt():  # SIGTERM outside training steps: as Ctrl-C, never a half-written file
-        model, state, history = _start(folder, cfg, data, resumed)
-        trainer = trainer_for(
-            model, data, cfg.optim, seed=cfg.run.seed, corruption=cfg.data.corruption_fn(), state=state, history=history
-        )
-        settings = _fixed_settings(cfg)
-
-        def checkpoint():
-            if not distributed.is_main():
-                return
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise Diverged(
-                    f"the weights hold NaN or infinite values after step {trainer.step}; the learning "
-                    f"rate (--lr) or a penalty weight is likely too large: start again with a smaller one"
-                )
-            folder.save_checkpoint(model, trainer.state_dict(), trainer.history, settings, cfg.optim.keep_checkpoints)
-            folder.write_state(trainer.step, trainer.total_steps)
-
-        _announce(folder, cfg, data, model, trainer.step, trainer.total_steps)
+        job = Job(folder, cfg, data, resumed)
+        _announce(folder, cfg, data, job.model, job.trainer.step, job.trainer.total_steps)
         if changes and distributed.is_main():
             folder.record_resume(cfg, changes)
         with StepBoundaryStop() as stop:  # a signal waits for the last checkpoint, too
-            _, interrupted = trainer.run(progress=progress, checkpoint=checkpoint, on_row=_row_writer(folder, cfg))
-            checkpoint()
-        interrupted = interrupted or stop.requested
-        final = model.folded(trainer.scale)
-        if not distributed.is_main():
-            return RunResult(folder, final, {}, trainer.history, interrupted, [])
-        if interrupted:
-            return RunResult(folder, final, {}, trainer.history, True, [folder.file(STATE)])
-        try:
-            return _finish(folder, cfg, data, final, trainer.history, trainer.total_steps, progress)
-        except KeyboardInterrupt:
-            raise Interrupted(folder) from None
+            _, interrupted = job.trainer.run(progress=progress, checkpoint=job.checkpoint, on_row=job.on_row)
+            job.checkpoint()
+        return job.result(interrupted or stop.requested, progress)
 
 
 def _row_writer(folder: RunFolder, cfg: TrainConfig):
@@ -252,12 +289,15 @@ def _summary_writer_class():
 
 def _metrics(cfg: TrainConfig, data: Dataset, model) -> tuple[dict, torch.Tensor]:
     """Reconstruction and sparsity over the data (at most EVAL_ROWS streamed), the exact cost where the
-    data are in memory, the recovery of a known dictionary; and each unit's density."""
+    data are in memory, the recovery of a known dictionary (saekit.data.synthetic.dictionary_metrics: the
+    one-to-one scores over the units that fired), how local the filters are on images; and each unit's density."""
     metrics, density = evaluate_stream(model, data.source, max_rows=EVAL_ROWS)
     if data.x is not None:
         metrics.update(evaluate(model, data.x))
     if data.true_atoms is not None:
-        metrics["recovery"] = recovery_score(data.true_atoms, model.W2.t())
+        metrics.update(dictionary_metrics(data.true_atoms, model.W2.t(), density > 0, data.true_parents))
+    if data.image_shape is not None:
+        metrics["filter_localization"] = filter_localization(model.W1, data.image_shape)
     return metrics, density
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..data import Corruption, Dataset
-from ..data.vectors import open_vectors
+from ..data.vectors import VectorStream, open_vectors
 from .config import AUTOCAST, OptimConfig
 from .lbfgs import Evaluated, FullBatch, autoencoder_objective, train_lbfgs
 from .memory import Estimate, check_fits, estimate
@@ -33,11 +33,15 @@ def trainer_for(
     corruption: Corruption | None = None,
     state: dict | None = None,
     history: list | None = None,
+    stream: VectorStream | None = None,
 ) -> FullBatch | Minibatch:
-    """The trainer optim asks for: L-BFGS on the rows in memory, or minibatches from the stream."""
+    """The trainer optim asks for: L-BFGS on the rows in memory, or minibatches from the stream (a
+    stream another trainer reads too, for a sweep)."""
     if optim.full_batch:
         return FullBatch(model, data.in_memory(), optim, seed=seed, corruption=corruption, state=state, history=history)
-    return Minibatch(model, data.source, optim, seed=seed, corruption=corruption, state=state, history=history)
+    return Minibatch(
+        model, data.source, optim, seed=seed, corruption=corruption, state=state, history=history, stream=stream
+    )
 
 
 def fit(

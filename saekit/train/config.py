@@ -25,9 +25,17 @@ class OptimConfig(Settings):
     batch_size: int = 256
     """Examples per minibatch (adam, sgd), per process under torchrun."""
     lr: float = 1e-3
-    """Learning rate (adam, sgd)."""
+    """Learning rate (adam, sgd): the peak of the schedule."""
+    warmup_steps: int = 0
+    """Minibatch training: steps over which the learning rate rises linearly from 0 to --lr."""
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
+    """Minibatch training: after the warm-up, keep --lr ('none'), or lower it towards 0 over the remaining steps
+    ('linear', 'cosine': the last step takes about 1/n of it)."""
     shuffle_buffer: int = 65536
     """Minibatch training: rows held in memory for shuffling a streamed data set."""
+    shuffle: bool = True
+    """Minibatch training: shuffle the rows (--no-shuffle reads them in their stored order, for data shuffled
+    already, and for benchmarks that feed every trainer the same batches)."""
     scale_inputs: bool = False
     """Scale inputs to unit mean squared norm while training; the scale is folded into the saved weights."""
     normalize_decoder: bool = False
@@ -57,7 +65,7 @@ class OptimConfig(Settings):
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
-        ) + self.at_least(0, "steps")
+        ) + self.at_least(0, "steps", "warmup_steps")
         if not (self.lr > 0 and self.lr < float("inf")):
             problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
         return problems

@@ -1,21 +1,28 @@
-"""Pictures: arrays in, PNG files out, drawn with Pillow and NumPy only.
+"""Pictures: arrays in, PNG files out.
 
 Two kinds of picture:
-- grey grids of tiles: learned filters (`tile_filters`, after UFLDL's display_network.m),
-  inputs (`tile_images`) and reconstructions beside their inputs (`side_by_side`);
-- charts: training curves (`line_chart`), histograms such as feature density
-  (`histogram_chart`) and confusion matrices (`confusion_matrix_image`).
+- grey grids of tiles, drawn pixel by pixel with NumPy (exact: each value is one grey level):
+  learned filters (`tile_filters`, after UFLDL's display_network.m), inputs (`tile_images`) and
+  labelled groups of an input beside its reconstruction (`side_by_side`);
+- charts, drawn by matplotlib (its Agg backend, no display): training curves (`line_chart`),
+  histograms such as feature density (`histogram_chart`) and confusion matrices
+  (`confusion_matrix_image`).
 
 Every builder is pure and returns a uint8 array (H, W) or (H, W, 3), so tests can look at
-pixels; `save_png` writes one atomically. The `save_*` wrappers for the grey grids also
-`upscale` them, since an 8x8 patch is too small to see at one screen pixel per value.
+pixels; `save_png` writes one atomically. The `save_*` wrappers for the filter and image grids
+also `upscale` them, since an 8x8 patch is too small to see at one screen pixel per value.
 """
 
 import io
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from saekit.errors import UserError
@@ -113,18 +120,31 @@ def tile_filters(W, image_shape=None, scale_each=True, padding=1, order="C") -> 
     return _grid(_to_grey(scaled), _square_cols(len(tiles)), padding, pad_value=0)
 
 
-def _shared_grey(tiles: np.ndarray, low, high) -> np.ndarray:
-    """Tiles -> uint8 with one scale for all: low -> 0, high -> 255 (default: data min, max).
-    Values outside [low, high] are clipped; constant data with no bounds given is mid-grey."""
+def _grey_range(tiles: np.ndarray, low, high, default) -> tuple[float, float]:
+    """(low, high) of one grey scale: given bounds, else `default(tiles)` for the missing ones.
+    An empty range is an error when a bound was given; constant data give (v, v)."""
     if (low is not None and not np.isfinite(low)) or (high is not None and not np.isfinite(high)):
         raise UserError(f"low and high must be finite numbers; got low={low!r}, high={high!r}")
-    lo = tiles.min() if low is None else float(low)
-    hi = tiles.max() if high is None else float(high)
+    lo_default, hi_default = default(tiles)
+    lo = lo_default if low is None else float(low)
+    hi = hi_default if high is None else float(high)
+    if hi <= lo and (low is not None or high is not None):
+        raise UserError(
+            f"the grey range from low={lo:g} to high={hi:g} is empty; pass both low and high with high > low"
+        )
+    return lo, hi
+
+
+def _shared_grey(tiles: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Tiles -> uint8 with one scale for all: lo -> 0, hi -> 255, values outside clipped;
+    an empty range (constant data) is mid-grey."""
     if hi > lo:
         return _to_grey(np.clip(2 * (tiles - lo) / (hi - lo) - 1, -1, 1))
-    if low is None and high is None:  # constant data: nothing to spread
-        return _to_grey(np.zeros_like(tiles))
-    raise UserError(f"the grey range from low={lo:g} to high={hi:g} is empty; pass both low and high with high > low")
+    return _to_grey(np.zeros_like(tiles))
+
+
+def _min_max(tiles: np.ndarray) -> tuple[float, float]:
+    return float(tiles.min()), float(tiles.max())
 
 
 def tile_images(X, image_shape=None, order="C", low=None, high=None, padding=1) -> np.ndarray:
@@ -137,20 +157,93 @@ def tile_images(X, image_shape=None, order="C", low=None, high=None, padding=1) 
     """
     tiles = _as_tiles(_rows(X, "X"), image_shape, order, "X")
     padding = _check_padding(padding)
-    return _grid(_shared_grey(tiles, low, high), _square_cols(len(tiles)), padding, pad_value=128)
+    lo, hi = _grey_range(tiles, low, high, _min_max)
+    return _grid(_shared_grey(tiles, lo, hi), _square_cols(len(tiles)), padding, pad_value=128)
 
 
-_PAIR_GAP = 1  # pixels between an input and its reconstruction
-_GRID_GAP = 3  # pixels between pairs: wider, so pairs read as pairs
+# Geometry of `side_by_side`, in pixels. Text is black on a white page; tiles have a grey frame.
+TILE_PX = 56  # tiles are zoomed by a whole factor to at least this many pixels on their longer side
+TILE_GAP = 6  # between the tiles of one group
+GROUP_GAP = 20  # between groups
+MARGIN = 12  # around everything
+FRAME = 1  # the frame drawn around each tile, inside the gaps
+TEXT_LINE = 22  # height of a line of text: the title, the tile labels, the scale
+MIN_WIDTH = 640  # so the title and the scale line fit when there are few groups
+FONT_PX = 13
+_PAGE, _FRAME_GREY, _INK = 255, 120, 0
+CLIP_PERCENT = 1.0  # the default grey scale runs from this percentile of the values to 100 minus it
 
 
-def side_by_side(inputs, outputs, *more, image_shape=None, order="C", low=None, high=None) -> np.ndarray:
-    """Inputs (n, d) with their reconstructions (n, d), and any further (n, d) arrays, as a grey grid (H, W) uint8.
+def _percentile_range(tiles: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(tiles, [CLIP_PERCENT, 100 - CLIP_PERCENT])
+    return (float(lo), float(hi)) if hi > lo else _min_max(tiles)
 
-    Each cell is a group: input on the left, reconstruction next, then the others in order,
-    1 pixel apart; groups are 3 pixels apart, on columns enough to make the picture
-    near-square. All use one shared scale (low, high; default: min and max over all), so a
-    faded reconstruction looks faded. Gaps are mid-grey (128), as in `tile_images`.
+
+class Layout(NamedTuple):
+    """Where `side_by_side` puts things, in pixels."""
+
+    zoom: int  # each value is a zoom x zoom block
+    tile: tuple[int, int]  # (height, width) of a zoomed tile
+    cols: int  # groups per row
+    group_width: int
+    origin: tuple[int, int]  # (top, left) of the grid
+    shape: tuple[int, int]  # (height, width) of the picture
+
+    def tile_corner(self, group: int, position: int) -> tuple[int, int]:
+        """(top, left) of the position-th tile of a group."""
+        i, j = divmod(group, self.cols)
+        top = self.origin[0] + i * (self.tile[0] + GROUP_GAP)
+        left = self.origin[1] + j * (self.group_width + GROUP_GAP) + position * (self.tile[1] + TILE_GAP)
+        return top, left
+
+
+def side_by_side_layout(n: int, k: int, tile_shape, zoom: int | None = None) -> Layout:
+    """The layout of n groups of k tiles of tile_shape (h, w): whole zoom to at least TILE_PX
+    (or `zoom`), as many group columns as make the grid near-square, the grid centred under a
+    title line and a label line, a line for the grey scale under it."""
+    h, w = tile_shape
+    zoom = -(-TILE_PX // max(h, w)) if zoom is None else zoom
+    th, tw = h * zoom, w * zoom
+    group_w = k * tw + (k - 1) * TILE_GAP
+    cols = min(n, max(1, math.ceil(math.sqrt(n * th / group_w))))
+    rows = -(-n // cols)
+    grid_w = cols * group_w + (cols - 1) * GROUP_GAP
+    width = max(MIN_WIDTH, grid_w + 2 * MARGIN)
+    top = MARGIN + 2 * TEXT_LINE  # the title, then a label over each tile of the top row
+    height = top + rows * (th + GROUP_GAP) + TEXT_LINE + MARGIN  # a gap, then the scale line under the grid
+    return Layout(zoom, (th, tw), cols, group_w, (top, (width - grid_w) // 2), (height, width))
+
+
+def _write(page: np.ndarray, layout: Layout, title: str, labels: list[str], scale: str) -> np.ndarray:
+    """The picture with the title on top, each tile column's label over the first row, the scale under all."""
+    picture = Image.fromarray(page)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=FONT_PX)
+    (height, width), top = layout.shape, layout.origin[0]
+    draw.text((width / 2, MARGIN + TEXT_LINE / 2), title, font=font, fill=_INK, anchor="mm")
+    for group in range(layout.cols):
+        for position, label in enumerate(labels):
+            left = layout.tile_corner(group, position)[1]
+            draw.text((left + layout.tile[1] / 2, top - TEXT_LINE / 2), label, font=font, fill=_INK, anchor="mm")
+    draw.text((width / 2, height - MARGIN - TEXT_LINE / 2), scale, font=font, fill=_INK, anchor="mm")
+    return np.asarray(picture)
+
+
+def side_by_side(
+    inputs, outputs, *more, labels=None, title="", image_shape=None, order="C", low=None, high=None, zoom=None
+) -> np.ndarray:
+    """Inputs (n, d) with their reconstructions (n, d), and any further (n, d) arrays, as a
+    labelled grey picture (H, W) uint8.
+
+    Each group holds one example's tiles, left to right in argument order, TILE_GAP pixels
+    apart and framed in grey; groups are GROUP_GAP pixels apart on a white page, row by row.
+    Each tile is zoomed by a whole factor (default: to at least TILE_PX pixels; `zoom` sets
+    it), so every value is a square block of one grey. Above the first row, each tile column
+    carries its label (default "input", "output", "3", ...); `title` is a line above that, and
+    a line under the grid states the grey scale. All tiles share that one scale, so a faded
+    reconstruction looks faded: low -> black, high -> white, values beyond clipped (default:
+    the 1st and 99th percentiles of all values, or their min and max if those are equal).
+    See `side_by_side_layout` for where everything goes.
     """
     arrays = [_rows(inputs, "inputs"), _rows(outputs, "outputs")] + [_rows(a, "arrays") for a in more]
     x = arrays[0]
@@ -159,12 +252,25 @@ def side_by_side(inputs, outputs, *more, image_shape=None, order="C", low=None, 
             f"inputs {x.shape} and outputs {', '.join(str(a.shape) for a in arrays[1:])} must have "
             f"the same shape: one reconstruction per input"
         )
-    tiles = _shared_grey(_as_tiles(np.concatenate(arrays), image_shape, order, "inputs"), low, high)
-    n, k, h, w = len(x), len(arrays), tiles.shape[1], tiles.shape[2]
-    groups = np.full((n, h, k * w + (k - 1) * _PAIR_GAP), 128, dtype=np.uint8)
-    for i in range(k):
-        groups[:, :, i * (w + _PAIR_GAP) : i * (w + _PAIR_GAP) + w] = tiles[i * n : (i + 1) * n]
-    return _grid(groups, math.isqrt((n - 1) // k) + 1, _GRID_GAP, pad_value=128)
+    n, k = len(x), len(arrays)
+    labels = ["input", "output", *map(str, range(3, k + 1))] if labels is None else [str(s) for s in labels]
+    if len(labels) != k:
+        raise UserError(f"side_by_side got {len(labels)} labels for {k} arrays; give one label per array")
+    if zoom is not None and (isinstance(zoom, bool) or not isinstance(zoom, (int, np.integer)) or zoom < 1):
+        raise UserError(f"zoom must be a whole number >= 1; got {zoom!r}")
+    tiles = _as_tiles(np.concatenate(arrays), image_shape, order, "inputs")
+    lo, hi = _grey_range(tiles, low, high, _percentile_range)
+    layout = side_by_side_layout(n, k, tiles.shape[1:], None if zoom is None else int(zoom))
+    grey = _shared_grey(tiles, lo, hi).repeat(layout.zoom, axis=1).repeat(layout.zoom, axis=2)
+    (th, tw), f = layout.tile, FRAME
+    page = np.full(layout.shape, _PAGE, dtype=np.uint8)
+    for group in range(n):
+        for position in range(k):
+            top, left = layout.tile_corner(group, position)
+            page[top - f : top + th + f, left - f : left + tw + f] = _FRAME_GREY
+            page[top : top + th, left : left + tw] = grey[position * n + group]
+    scale = f"one grey scale for every tile: black = {lo:.3g} or less, white = {hi:.3g} or more"
+    return _write(page, layout, title, labels, scale)
 
 
 def upscale(img, min_size=512) -> np.ndarray:
@@ -177,128 +283,13 @@ def upscale(img, min_size=512) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
-# Charts: a white canvas, a plot area with ticks, data drawn in pixel coordinates
+# Charts, drawn by matplotlib on its Agg canvas (no display, no global pyplot state)
 
-_PALETTE = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-]
-_INK = (20, 20, 20)
-_GRID = (225, 225, 225)
-_WHITE = (255, 255, 255)
+DPI = 100
 
 
-def _font(size: int):
-    """Pillow's bundled font (Aileron via FreeType, Pillow >= 10.1) at `size` pixels."""
-    return ImageFont.load_default(size=size)
-
-
-def _text_size(font, text: str) -> tuple[int, int]:
-    left, top, right, bottom = font.getbbox(text)
-    return right - left, bottom - top
-
-
-def _line_height(font) -> int:
-    """Height of a line of text drawn from its ascender ("a" anchors) to its descender."""
-    ascent, descent = font.getmetrics()
-    return ascent + descent
-
-
-def _vertical_text(img: Image.Image, center: tuple[float, float], text: str, font, fill):
-    """Draw `text` rotated 90 degrees (reading bottom to top) centred on `center`."""
-    left, top, right, bottom = font.getbbox(text)
-    mask = Image.new("L", (right, bottom), 0)
-    ImageDraw.Draw(mask).text((0, 0), text, font=font, fill=255)
-    mask = mask.crop((left, top, right, bottom)).rotate(90, expand=True)
-    corner = (round(center[0] - mask.width / 2), round(center[1] - mask.height / 2))
-    img.paste(Image.new("RGB", mask.size, fill), corner, mask)
-
-
-def _nice_step(span: float, n_ticks: int) -> float:
-    """The 1, 2 or 5 times a power of ten closest above span / n_ticks."""
-    raw = span / n_ticks
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
-
-
-def _compact(text: str) -> str:
-    """1e+06 -> 1e6, 5e-08 -> 5e-8, 2e+00 -> 2: exponents without sign and zero padding."""
-    text = text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
-    return text[:-2] if text.endswith("e0") else text
-
-
-def _linear_labels(values: list[float], step: float) -> list[str]:
-    """Labels for ticks `step` apart: decimals as many as the step needs, or, for huge or
-    tiny numbers, scientific notation with just enough digits to tell neighbours apart."""
-    top = max(abs(v) for v in values)
-    if top < 1e6 and step >= 1e-3:
-        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-        return [f"{v:.{decimals}f}" for v in values]
-    digits = max(1, math.floor(math.log10(top)) - math.floor(math.log10(step) + 1e-9) + 1)
-    return [_compact(f"{v:.{digits}g}") for v in values]
-
-
-def _log_labels(values: list[float]) -> list[str]:
-    """Labels for 1, 2, 5 times powers of ten: 0.01 ... 5000, or all as 1e-6 ... 1e0 once any
-    is outside that range, so one axis never mixes the two styles."""
-    if all(1e-3 <= v < 1e4 for v in values):
-        return [f"{v:g}" for v in values]
-    return [_compact(f"{v:.0e}") for v in values]
-
-
-def _ticks(lo: float, hi: float, log: bool = False, integer: bool = False) -> list[tuple[float, str]]:
-    """About six ticks (position, label) within [lo, hi]. `integer` keeps steps >= 1 (counts).
-
-    On a log axis positions are log10 values: whole decades when three fit, else 1, 2 and 5
-    times each decade, else (less than about half a decade) round values of 10**position
-    placed at their logs.
-    """
-    if log:
-        decades = max(1, math.ceil((hi - lo) / 6))
-        for mults in ((1,), (1, 2, 5)):
-            logs = [
-                k + math.log10(m)
-                for k in range(math.floor(lo), math.ceil(hi) + 1)
-                if k % decades == 0
-                for m in mults
-                if lo <= k + math.log10(m) <= hi
-            ]
-            if len(logs) >= 3:
-                return list(zip(logs, _log_labels([10.0**t for t in logs])))
-        return [(math.log10(v), label) for v, label in _ticks(10.0**lo, 10.0**hi) if v > 0]
-    step = _nice_step(hi - lo, 6)
-    if integer:
-        step = max(step, 1.0)
-    first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
-    values = [k * step for k in range(first, last + 1)]
-    return list(zip(values, _linear_labels(values, step)))
-
-
-def _limits(values: np.ndarray, margin: float, log=False) -> tuple[float, float]:
-    """[min, max] of finite `values` widened by `margin` of the span; a single value gets
-    half a decade (log) or 10% of itself (1 if zero) on each side; no values give [0, 1]."""
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(values.min()), float(values.max())
-    pad = margin * (hi - lo) if hi > lo else 0.5 if log else 0.1 * abs(lo) or 1.0
-    return lo - pad, hi + pad
-
-
-def _fonts(width: int, height: int):
-    """(text font, title font) sized to the canvas so labels stay readable when it grows."""
-    size = max(12, min(width, height) // 32)
-    return _font(size), _font(round(size * 1.3))
-
-
-def _check_canvas(width, height):
+def _figure(width: int, height: int) -> Figure:
+    """A matplotlib figure of exactly width x height pixels, laid out so labels fit."""
     if not (
         isinstance(width, (int, np.integer))
         and isinstance(height, (int, np.integer))
@@ -308,66 +299,17 @@ def _check_canvas(width, height):
         raise UserError(
             f"chart size must be whole pixels, width >= 200 and height >= 150; got width={width!r}, height={height!r}"
         )
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _title(draw: ImageDraw.ImageDraw, width: int, top: int, text: str, font) -> int:
-    """Draw a centred title line at `top` (if any); return the y below it."""
-    if not text:
-        return top
-    draw.text((width / 2, top), text, font=font, fill=_INK, anchor="ma")
-    return top + _line_height(font) + font.size // 2
-
-
-def _axes(
-    img: Image.Image,
-    box,
-    font,
-    xlim: tuple[float, float],
-    ylim: tuple[float, float],
-    xlabel="",
-    ylabel="",
-    x_log=False,
-    y_log=False,
-    y_integer=False,
-):
-    """Draw a plot frame with grid lines, ticks and labels filling `box` (left, top, right,
-    bottom), and return to_px(x, y) -> pixel coordinates of data points (log axes take
-    log10 values)."""
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = box
-    line_h = _line_height(font)
-    gap = font.size // 2
-    x_ticks = _ticks(*xlim, log=x_log)
-    y_ticks = _ticks(*ylim, log=y_log, integer=y_integer)
-    label_w = max(_text_size(font, s)[0] for _, s in y_ticks) if y_ticks else 0
-    # Frame inside the box: room on the left for the y label and tick labels, at the
-    # bottom for tick labels and the x label, on the right for half the last x label.
-    x0 = left + gap + (line_h + gap if ylabel else 0) + label_w + gap
-    x1 = right - max(gap, max((_text_size(font, s)[0] for _, s in x_ticks), default=0) // 2 + 2)
-    y0 = top + line_h // 2
-    y1 = bottom - gap - line_h - gap - (line_h + gap if xlabel else 0)
-
-    def to_px(x, y):
-        px = x0 + (np.asarray(x, float) - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0)
-        py = y1 - (np.asarray(y, float) - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)
-        return px, py
-
-    for t, label in x_ticks:
-        px = float(to_px(t, ylim[0])[0])
-        draw.line([(px, y0), (px, y1)], fill=_GRID)
-        draw.line([(px, y1), (px, y1 + gap // 2)], fill=_INK)
-        draw.text((px, y1 + gap), label, font=font, fill=_INK, anchor="ma")
-    for t, label in y_ticks:
-        py = float(to_px(xlim[0], t)[1])
-        draw.line([(x0, py), (x1, py)], fill=_GRID)
-        draw.line([(x0 - gap // 2, py), (x0, py)], fill=_INK)
-        draw.text((x0 - gap, py), label, font=font, fill=_INK, anchor="rm")
-    draw.rectangle([x0, y0, x1, y1], outline=_INK)
-    if xlabel:
-        draw.text(((x0 + x1) / 2, bottom - gap), xlabel, font=font, fill=_INK, anchor="md")
-    if ylabel:
-        _vertical_text(img, (left + gap + line_h / 2, (y0 + y1) / 2), ylabel, font, _INK)
-    return to_px
+def _pixels(figure: Figure) -> np.ndarray:
+    """The figure rendered as RGB (height, width, 3) uint8."""
+    canvas = figure.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
 def _xy(values, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -382,75 +324,40 @@ def _xy(values, name: str) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _legend(draw: ImageDraw.ImageDraw, names: list[str], width: int, top: int, font) -> int:
-    """Draw a colour key for `names`, centred, wrapping onto more rows; return y below it."""
-    line_h = _line_height(font)
-    swatch, gap = 2 * font.size, font.size
-    items = [(name, swatch + gap // 2 + _text_size(font, name)[0]) for name in names]
-    rows: list[list] = []
-    row: list = []
-    for item_index, (name, w) in enumerate(items):
-        if row and sum(r[2] for r in row) + gap * len(row) + w > width - 2 * gap:
-            rows.append(row)
-            row = []
-        row.append((item_index, name, w))
-    rows.append(row)
-    for r in rows:
-        x = (width - (sum(w for _, _, w in r) + gap * (len(r) - 1))) / 2
-        cy = top + line_h / 2
-        for item_index, name, w in r:
-            colour = _PALETTE[item_index % len(_PALETTE)]
-            draw.line([(x, cy), (x + swatch, cy)], fill=colour, width=max(3, font.size // 5))
-            draw.text((x + swatch + gap // 2, cy), name, font=font, fill=_INK, anchor="lm")
-            x += w + gap
-        top += line_h + gap // 2
-    return top + gap // 2
+def _lone_points(drawable: np.ndarray) -> np.ndarray:
+    """Which drawable points have no drawable neighbour (a line through them would be invisible)."""
+    padded = np.concatenate([[False], drawable, [False]])
+    return drawable & ~padded[:-2] & ~padded[2:]
 
 
 def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=800, height=500) -> np.ndarray:
     """Curves such as cost per iteration as an RGB picture (height, width, 3) uint8.
 
     `series` maps a name to its y values (x = 0, 1, 2, ...) or to a (2, n) array of x and y
-    rows. One colour per series (in dict order) with a legend under the title. NaN and inf
-    points are skipped (the line breaks there), as are values <= 0 when log_y; a point with
+    rows; one colour per series (matplotlib's cycle, in dict order) with a legend. NaN and inf
+    points are skipped (the line breaks there), as are values <= 0 when log_y (a series whose
+    finite values are all <= 0, such as a weight decay of 0, says so in the legend); a point with
     no drawn neighbour shows as a dot, so a single point is visible.
     """
     if not series:
         raise UserError("line_chart needs at least one series, e.g. {'cost': costs}")
-    _check_canvas(width, height)
-    font, title_font = _fonts(width, height)
-    curves = []
-    for name, values in series.items():
+    figure = _figure(width, height)
+    ax = figure.add_subplot()
+    for i, (name, values) in enumerate(series.items()):
         x, y = _xy(values, str(name))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.log10(y) if log_y else y
-        keep = np.isfinite(x) & np.isfinite(t)
-        curves.append((x, t, keep))
-    xs = np.concatenate([x[keep] for x, _, keep in curves])
-    ts = np.concatenate([t[keep] for _, t, keep in curves])
-    img = Image.new("RGB", (width, height), _WHITE)
-    draw = ImageDraw.Draw(img)
-    top = _title(draw, width, font.size // 2, title, title_font)
-    top = _legend(draw, [str(name) for name in series], width, top, font)
-    to_px = _axes(
-        img, (0, top, width, height), font, _limits(xs, 0.02), _limits(ts, 0.05, log_y), xlabel, ylabel, y_log=log_y
-    )
-    radius = max(2, font.size // 5)
-    for i, (x, t, keep) in enumerate(curves):
-        colour = _PALETTE[i % len(_PALETTE)]
-        px, py = to_px(x, t)
-        # Runs of consecutive drawable points: a line through each, a dot for a lone point.
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
-        for start, stop in zip(edges[::2], edges[1::2]):
-            if stop - start == 1:
-                draw.ellipse(
-                    [px[start] - radius, py[start] - radius, px[start] + radius, py[start] + radius], fill=colour
-                )
-            else:
-                draw.line(
-                    list(zip(px[start:stop], py[start:stop])), fill=colour, width=max(2, font.size // 7), joint="curve"
-                )
-    return np.asarray(img)
+        drawable = np.isfinite(x) & np.isfinite(y) & ((y > 0) if log_y else True)
+        colour = f"C{i}"
+        nothing_positive = log_y and np.isfinite(y).any() and not drawable.any()
+        label = f"{name} (<= 0, not drawn)" if nothing_positive else str(name)
+        ax.plot(x, np.where(drawable, y, np.nan), color=colour, linewidth=2, label=label)
+        lone = _lone_points(drawable)
+        ax.plot(x[lone], y[lone], "o", color=colour, markersize=5)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="major", color="0.9")
+    figure.legend(loc="outside lower center", ncols=min(len(series), 5))  # off the curves, whatever the data
+    return _pixels(figure)
 
 
 def histogram_counts(values, bins=50, log_x=False):
@@ -487,50 +394,37 @@ def histogram_chart(values, bins=50, title="", xlabel="", log_x=False, width=800
 
     Values at -inf (zeros when log_x) cannot sit on the axis, so a line under the title says
     how many there are, e.g. "12 of 512 values are -inf (not drawn)": for a feature-density
-    histogram of log10 firing frequency those are the dead latents.
+    histogram of log10 firing frequency those are the dead latents. Bars are filled with
+    matplotlib's first colour (C0) and nothing else is.
     """
-    _check_canvas(width, height)
+    figure = _figure(width, height)
     counts, edges, n_neg_inf = histogram_counts(values, bins, log_x)
-    font, title_font = _fonts(width, height)
-    img = Image.new("RGB", (width, height), _WHITE)
-    draw = ImageDraw.Draw(img)
-    top = _title(draw, width, font.size // 2, title, title_font)
+    ax = figure.add_subplot()
+    if counts.sum():
+        ax.stairs(counts, edges, fill=True, color="C0")
     total = int(counts.sum()) + n_neg_inf
     note = f"{n_neg_inf} of {total} values are {'0' if log_x else '-inf'} (not drawn)"
-    draw.text((width / 2, top), note, font=font, fill=_INK, anchor="ma")
-    top += _line_height(font) + font.size
-    ylim = (0.0, max(1, int(counts.max(initial=0))) * 1.08)
-    to_px = _axes(
-        img,
-        (0, top, width, height),
-        font,
-        _limits(edges, 0.02, log_x),
-        ylim,
-        xlabel,
-        "count",
-        x_log=log_x,
-        y_integer=True,
-    )
-    px, _ = to_px(edges, 0)
-    _, py = to_px(0, counts)
-    _, base = to_px(0, 0)
-    for i in np.flatnonzero(counts):
-        draw.rectangle([px[i], py[i], px[i + 1], base], fill=_PALETTE[0])
-    return np.asarray(img)
+    ax.set_title(f"{title}\n{note}" if title else note)
+    ax.set(xlabel=xlabel, ylabel="count")
+    ax.set_ylim(0, max(1, int(counts.max(initial=0))) * 1.08)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole
+    ax.grid(True, axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    return _pixels(figure)
 
 
-_CM_LOW = np.array(_WHITE, dtype=np.float64)
-_CM_HIGH = np.array((8, 48, 107), dtype=np.float64)  # dark blue
+CONFUSION_CMAP = "Blues"
+CONFUSION_GAMMA = 0.5  # colour follows the square root of the share, so a 2% confusion is still tinted
 
 
 def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np.ndarray:
     """A confusion matrix (k, k) of counts, rows = true class, columns = predicted, as an
-    RGB picture uint8 whose size follows k and the label lengths.
+    RGB picture uint8 whose size grows with k.
 
-    Each cell shows its count and is shaded by its share of its row, the fraction of that
+    Each cell shows its count and is coloured by its share of its row, the fraction of that
     true class predicted as the column's class (so small classes show as clearly as big
-    ones): white at 0 to dark blue at 1, through the square root of the share so that a
-    2% confusion is still visibly tinted. The title ends with the overall accuracy.
+    ones), on matplotlib's Blues map through the square root of the share (white at 0, dark
+    blue at 1), with a colour bar. The title ends with the overall accuracy.
     """
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
@@ -545,44 +439,24 @@ def confusion_matrix_image(cm, class_names=None, title="Confusion matrix") -> np
     if len(names) != k:
         raise UserError(f"class_names has {len(names)} names for a {k}x{k} confusion matrix; give one name per class")
     row_sums = cm.sum(axis=1, keepdims=True)
-    shade = np.sqrt(np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0))
-    colours = np.rint(_CM_LOW + shade[..., None] * (_CM_HIGH - _CM_LOW)).astype(int)
-
-    font, title_font = _font(14), _font(18)
-    line_h, gap = _line_height(font), 8
-    cell = max(36, max(_text_size(font, str(c))[0] for c in cm.ravel()) + 12)
-    name_w = max(_text_size(font, s)[0] for s in names)
-    vertical_names = name_w > cell - 4  # too wide to sit above their columns: stand them up
-    heading = f"{title}: accuracy {100 * correct / total:.2f}% ({correct} of {total})"
-    # Left to right: "true class" (vertical), row names, grid, centred on the canvas.
-    # Top to bottom: title, "predicted class", column names, grid.
-    block_w = line_h + gap + name_w + gap + k * cell
-    width = max(block_w, _text_size(title_font, heading)[0]) + 4 * gap
-    x_true = (width - block_w) // 2
-    grid_x = x_true + line_h + gap + name_w + gap
-    y_predicted = 2 * gap + _line_height(title_font) + 2 * gap
-    grid_y = y_predicted + line_h + gap + (name_w if vertical_names else line_h) + gap
-    height = grid_y + k * cell + 3 * gap
-    img = Image.new("RGB", (width, height), _WHITE)
-    draw = ImageDraw.Draw(img)
-    draw.text((width / 2, 2 * gap), heading, font=title_font, fill=_INK, anchor="ma")
-    draw.text((grid_x + k * cell / 2, y_predicted), "predicted class", font=font, fill=_INK, anchor="ma")
-    _vertical_text(img, (x_true + line_h / 2, grid_y + k * cell / 2), "true class", font, _INK)
+    share = np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0)
+    side = max(300, 60 + 46 * k)
+    figure = _figure(side + 160, side + 90)
+    ax = figure.add_subplot()
+    image = ax.imshow(
+        share, cmap=CONFUSION_CMAP, norm=PowerNorm(CONFUSION_GAMMA, vmin=0, vmax=1), interpolation="nearest"
+    )
     for i in range(k):
-        middle = (i + 0.5) * cell
-        draw.text((grid_x - gap, grid_y + middle), names[i], font=font, fill=_INK, anchor="rm")
-        if vertical_names:
-            w = _text_size(font, names[i])[0]
-            _vertical_text(img, (grid_x + middle, grid_y - gap - w / 2), names[i], font, _INK)
-        else:
-            draw.text((grid_x + middle, grid_y - gap), names[i], font=font, fill=_INK, anchor="md")
         for j in range(k):
-            x, y = grid_x + j * cell, grid_y + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(colours[i, j]))
-            ink = _WHITE if shade[i, j] > 0.6 else _INK
-            draw.text((x + cell / 2, y + cell / 2), str(cm[i, j]), font=font, fill=ink, anchor="mm")
-    draw.rectangle([grid_x - 1, grid_y - 1, grid_x + k * cell, grid_y + k * cell], outline=_INK)
-    return np.asarray(img)
+            ink = "white" if share[i, j] > 0.36 else "black"  # sqrt(0.36) = 0.6 of the way to dark blue
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=ink, fontsize=10)
+    rotation = 90 if max(len(s) for s in names) > 3 else 0
+    ax.set_xticks(range(k), names, rotation=rotation)
+    ax.set_yticks(range(k), names)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"{title}: accuracy {100 * correct / total:.2f}% ({correct} of {total})")
+    figure.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
+    return _pixels(figure)
 
 
 # ----------------------------------------------------------------------------------------
@@ -613,6 +487,31 @@ def save_images(X, path, min_size=512, **kw) -> Path:
     return save_png(upscale(tile_images(X, **kw), min_size), path)
 
 
-def save_side_by_side(inputs, outputs, path, *more, min_size=512, **kw) -> Path:
-    """`side_by_side(inputs, outputs, *more, **kw)`, upscaled to at least min_size pixels, saved."""
-    return save_png(upscale(side_by_side(inputs, outputs, *more, **kw), min_size), path)
+def save_side_by_side(inputs, outputs, path, *more, **kw) -> Path:
+    """`side_by_side(inputs, outputs, *more, **kw)` saved as PNG (it is drawn at its full size)."""
+    return save_png(side_by_side(inputs, outputs, *more, **kw), path)
+
+
+def scatter_chart(
+    points: list[tuple[str, float, float]], title="", xlabel="", ylabel="", width=800, height=500
+) -> np.ndarray:
+    """Labelled points (label, x, y) as an RGB picture (height, width, 3) uint8, each point named
+    beside it (a sweep's members on the FVU-L0 plane). Points with a NaN or inf coordinate are left out."""
+    drawn = [
+        (label, x, y)
+        for label, x, y in points
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    ]
+    if not drawn:
+        raise UserError("scatter_chart needs at least one point with finite coordinates")
+    figure = _figure(width, height)
+    ax = figure.add_subplot()
+    ax.plot([x for _, x, _ in drawn], [y for _, _, y in drawn], "o", color="C0", markersize=7)
+    seen: dict[tuple[float, float], int] = {}  # labels of points drawn on one spot go one under the other
+    for label, x, y in drawn:
+        spot = (float(f"{x:.3g}"), float(f"{y:.3g}"))
+        seen[spot] = seen.get(spot, -1) + 1
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4 - 11 * seen[spot]), fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="major", color="0.9")
+    return _pixels(figure)

@@ -11,7 +11,9 @@ Image pictures are drawn only when examples are images (image_shape is not None)
     density.png                                              feature density (minibatch runs)
     confusion.png, confusion_fine_tuned.png                  classifiers: confusion matrices
 
-The before/after/updates pictures are the ones seed 003's lecture draws for its L1 autoencoder.
+The reconstruction pictures show the first N_PAIRS examples, most contrast (standard deviation)
+first, as labelled groups on one grey scale (saekit.viz.pictures.side_by_side). The
+before/after/updates pictures are the ones seed 003's lecture draws for its L1 autoencoder.
 """
 
 from pathlib import Path
@@ -27,9 +29,11 @@ from .pictures import (
     save_images,
     save_png,
     save_side_by_side,
+    scatter_chart,
 )
 
-N_SHOWN = 100  # examples drawn in the input and reconstruction pictures
+N_SHOWN = 100  # examples drawn in the inputs picture
+N_PAIRS = 50  # examples drawn in the reconstruction pictures
 MAX_FILTERS = 400  # hidden units drawn in the weight pictures
 
 
@@ -51,6 +55,15 @@ def _weight_pictures(run_dir: Path, model, initial, image_shape) -> list[Path]:
     return written
 
 
+def most_contrast_first(x: torch.Tensor) -> torch.Tensor:
+    """The rows of x (n, d) ordered by decreasing standard deviation (ties keep their order)."""
+    return x[torch.sort(x.std(dim=1), descending=True, stable=True).indices]
+
+
+def _pairs(title: str, image_shape, labels=("input", "output")) -> dict:
+    return {"title": title, "labels": labels, "image_shape": image_shape}
+
+
 @torch.no_grad()
 def write_pictures(
     run_dir, model, x: torch.Tensor, history: list[dict], image_shape, initial=None, corrupt=None
@@ -61,21 +74,19 @@ def write_pictures(
     written = []
     if image_shape is not None:
         written += _weight_pictures(run_dir, model, initial, image_shape)
-        shown = x[:N_SHOWN]
-        written.append(save_images(_np(shown), run_dir / "inputs.png", image_shape=image_shape))
-        for name, m in (("reconstructions", model), ("reconstructions_before", initial)):
+        written.append(save_images(_np(x[:N_SHOWN]), run_dir / "inputs.png", image_shape=image_shape))
+        shown = most_contrast_first(x[:N_PAIRS])
+        for name, m, when in (("reconstructions", model, "after"), ("reconstructions_before", initial, "before")):
             if m is not None:
-                pairs = shown[:50]
-                written.append(
-                    save_side_by_side(_np(pairs), _np(m(pairs).x_hat), run_dir / f"{name}.png", image_shape=image_shape)
-                )
+                title = f"The first {len(shown)} examples (most contrast first) and the model's output {when} training"
+                path = run_dir / f"{name}.png"
+                written.append(save_side_by_side(_np(shown), _np(m(shown).x_hat), path, **_pairs(title, image_shape)))
         if corrupt is not None:
-            clean = shown[:50]
-            noisy = corrupt(clean)
+            noisy = corrupt(shown)
+            title = f"The first {len(shown)} examples (most contrast first): corrupted, the model's output, clean"
+            kw = _pairs(title, image_shape, labels=("corrupted", "output", "clean"))
             written.append(
-                save_side_by_side(
-                    _np(noisy), _np(model(noisy).x_hat), run_dir / "denoised.png", _np(clean), image_shape=image_shape
-                )
+                save_side_by_side(_np(noisy), _np(model(noisy).x_hat), run_dir / "denoised.png", _np(shown), **kw)
             )
     if history:
         steps = [row["step"] for row in history]  # minibatch runs log every cfg.log_every steps
@@ -99,3 +110,16 @@ def save_density_png(density: torch.Tensor, path) -> Path:
 def save_confusion_png(result: dict, path, title: str = "Confusion matrix") -> Path:
     """Draw evaluate_classifier's confusion matrix and write it as a PNG (atomically). Returns the path."""
     return save_png(confusion_matrix_image(result["confusion_matrix"], result["class_names"], title), path)
+
+
+def save_frontier_png(points: list[tuple[str, float, float]], path) -> Path:
+    """FVU against L0 of the members of a sweep: points (label, l0, fvu), each labelled."""
+    return save_png(
+        scatter_chart(
+            points,
+            title="Sweep: reconstruction against sparsity",
+            xlabel="L0 (active codes per example)",
+            ylabel="FVU (fraction of variance unexplained)",
+        ),
+        path,
+    )
