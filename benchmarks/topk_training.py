@@ -29,7 +29,8 @@ Each row records:
 
 --data defaults to a synthetic file made by `peers.py --make-data` (numpy only). The
 trainers: saekit (float32), saekit-bf16 (the encoder product in bfloat16, float32 weights and
-optimizer state), and the peers (sparsify, saelens, dictionary_learning, plain_torch_dense).
+optimizer state), saekit-batchtopk (the `batchtopk` preset, float32), and the peers (sparsify,
+saelens, dictionary_learning, plain_torch_dense).
 """
 
 import argparse
@@ -49,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from peers import StepClock, fvu, load_split, peak_rss_mb, sparsity  # noqa: E402
 
-SAEKIT = {"saekit": "none", "saekit-bf16": "bf16"}  # trainer name -> --autocast
+# trainer name -> (preset, --autocast)
+SAEKIT = {"saekit": ("topk", "none"), "saekit-bf16": ("topk", "bf16"), "saekit-batchtopk": ("batchtopk", "none")}
 PEERS = ("sparsify", "saelens", "dictionary_learning", "plain_torch_dense")
 
 
@@ -74,7 +76,7 @@ def product_ms(x: torch.Tensor, W1: torch.Tensor, bias: torch.Tensor, autocast: 
     return 1000 * statistics.median(times)
 
 
-def run_saekit(args, autocast: str) -> dict:
+def run_saekit(args, name: str, preset: str, autocast: str) -> dict:
     from saekit.config import build_config
     from saekit.data.vectors import ArraySource
     from saekit.kinds import build
@@ -92,7 +94,7 @@ def run_saekit(args, autocast: str) -> dict:
         "log_every": args.steps,
         "checkpoint_every": 10**9,
     }
-    cfg = build_config("topk", overrides=settings)
+    cfg = build_config(preset, overrides=settings)
     model = build(cfg.model, X_train.shape[1], dtype=torch.float32, seed=cfg.run.seed)
     trainer = Minibatch(model, ArraySource(X_train), cfg.optim, seed=cfg.run.seed)
     load_before = os.getloadavg()[0]
@@ -108,7 +110,7 @@ def run_saekit(args, autocast: str) -> dict:
     import saekit
 
     return {
-        "name": "saekit" + ("-bf16" if autocast == "bf16" else ""),
+        "name": name,
         "version": saekit.__version__,
         "fvu": fvu(lambda x: final(x).x_hat, X_heldout),
         "l0": l0,
@@ -119,7 +121,7 @@ def run_saekit(args, autocast: str) -> dict:
         "product_ms": product,
         "step_ms": step_ms,
         "step_over_product": step_ms / product,
-        "notes": f"topk preset: Adam lr {cfg.optim.lr:g}, AuxK {cfg.model.aux_k}, autocast {autocast}",
+        "notes": f"{preset} preset: Adam lr {cfg.optim.lr:g}, AuxK {cfg.model.aux_k}, autocast {autocast}",
         **timing,
     }
 
@@ -226,7 +228,7 @@ def main():
     p.add_argument("--train-rows", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        Path(args.worker_out).write_text(json.dumps(run_saekit(args, SAEKIT[args.worker])))
+        Path(args.worker_out).write_text(json.dumps(run_saekit(args, args.worker, *SAEKIT[args.worker])))
         return
     args.trainers = args.trainers.split(",")
     unknown = set(args.trainers) - {*SAEKIT, *PEERS}

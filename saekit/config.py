@@ -225,7 +225,7 @@ def build_config(
             for k, v in values.items()
             if k in explicit or k == "kind" or k in PART_OF or (k in own and accepts(config_class, k, v))
         }
-        n_hidden = values.get("n_hidden", config_class.n_hidden)
-        if "lr" not in values and isinstance(n_hidden, int) and n_hidden > 0:  # the kind's rule, e.g. scaled with width
-            values["lr"] = config_class.default_lr(n_hidden) or OptimConfig.lr
+        n_hidden, k = values.get("n_hidden", config_class.n_hidden), values.get("k")
+        if type(n_hidden) is int and n_hidden > 0 and (k is None or (type(k) is int and k > 0)):
+            values = {**config_class.optim_defaults(n_hidden, k), **values}  # the kind's rules, e.g. lr by width
     return TrainConfig.from_flat(values)

@@ -34,12 +34,11 @@ _MODERN = {
     "decoder_bias_init": "geometric-median",
     "scale_inputs": True,
     "log_every": 10,
-    "dead_after": 1_000_000,
 }
 
 # The TopK family's recipe, chosen on MiniLM activations (README, "The default recipe"): AuxK over 512
-# units, a unit counted dead after 4,096 examples without firing; the learning rate is the kind's rule.
-_TOPK_RECIPE = {"aux_k": 512, "dead_after": 4096}
+# units; the learning rate and when a unit counts as dead follow from the width and k (TopKConfig).
+_TOPK_RECIPE = {"aux_k": 512}
 
 PRESETS: dict[str, Preset] = {
     "ufldl-patches": Preset(
@@ -114,10 +113,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "jumprelu": Preset(
         "A JumpReLU dictionary: learned thresholds, L0 penalty through a straight-through estimator.",
-        {**_MODERN, "kind": "jumprelu", "penalty": "l0", "beta": 0.01},
+        {**_MODERN, "kind": "jumprelu", "penalty": "l0", "beta": 0.01, "dead_after": 1_000_000},
     ),
     "relu-l1": Preset(
         "A ReLU dictionary with an L1 penalty weighted by decoder column norms.",
-        {**_MODERN, "kind": "relu", "penalty": "l1-decoder", "beta": 0.05},
+        {**_MODERN, "kind": "relu", "penalty": "l1-decoder", "beta": 0.05, "dead_after": 1_000_000},
     ),
 }

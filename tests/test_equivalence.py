@@ -209,7 +209,7 @@ _PHOTOGRAPHS = (
 )
 _TOPK_RECIPE = (
     "the TopK family's default recipe: learning rate 4e-3 * sqrt(4096 / width), AuxK over 512 units, dead "
-    "after 4,096 examples (README, 'The default recipe'), and the k largest selected by saekit's own "
+    "after 32 * width / k examples (README, 'The default recipe'), and the k largest selected by saekit's own "
     "kernel, which breaks ties between equal bfloat16 values differently from torch.topk (0.3.0)"
 )
 RERECORDED = {

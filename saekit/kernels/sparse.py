@@ -54,7 +54,7 @@ def _product_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 
 def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices int64), both (batch, k): each row's k largest entries of z, in no order."""
-    if sparse_cpu.available(z):
+    if sparse_cpu.available(z) and k <= sparse_cpu.ROW_TOPK_MAX_K:
         return sparse_cpu.row_topk(z, k)
     return z.topk(k, dim=1, sorted=False)
 

@@ -30,6 +30,9 @@ try:
 except ImportError:  # the callers fall back to torch's operators
     nb = None  # type: ignore[assignment]  # `available()` is False then, and nothing below runs
 
+# row_topk rescans the k kept values at each replacement: faster than torch.topk up to k = 64 on
+# (4096, 16384) (49 against 83 ms at k = 32, 78 against 109 at 64), slower beyond (183 against 151 at 128).
+ROW_TOPK_MAX_K = 64
 FAST = {"reassoc", "contract", "arcp"}  # sums may be reordered (as BLAS and torch do); NaN and inf stay exact
 DTYPES = (torch.float32, torch.float64)
 

@@ -62,9 +62,9 @@ class ModelConfig(Settings):
     """lambda: weight decay (lambda/2)(||W1||^2 + ||W2||^2); biases carry none."""
 
     @classmethod
-    def default_lr(cls, n_hidden: int) -> float | None:
-        """The learning rate a run of this kind starts from when none is given (None: OptimConfig's)."""
-        return None
+    def optim_defaults(cls, n_hidden: int, k: int | None) -> dict:
+        """Optimisation settings a run of this kind derives from its width (and k) where none are given."""
+        return {}
 
     def problems(self) -> list[str]:
         """The common checks; a kind's config extends them with its own."""

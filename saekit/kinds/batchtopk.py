@@ -108,22 +108,36 @@ class BatchSelection(nn.Module):
             return z2 * keep
         batch, n_hidden = z2.shape
         n_keep = self.k * batch * distributed.world_size()
-        # Each row's top `width` candidates hold every kept value unless a row is "full" (all its
-        # candidates kept): then it may hold more, and we widen. Rarely needed beyond 4k.
+        # Each row's top `width` candidates hold every kept value unless the row is "full" (all its
+        # candidates kept): then it may hold more. Only full rows are searched wider, so a few rows of
+        # large norm (which may take hundreds of codes) cost little; the rest keep 4k candidates.
         width = min(4 * self.k, n_hidden)
+        values, indices = sorted_row_topk(z2, width)
         while True:
-            values, indices = sorted_row_topk(z2, width)
             threshold = self._batch_threshold(values, n_keep)
-            full = bool((values[:, -1] >= threshold).any()) and width < n_hidden
-            if not distributed.any_true(full):
+            full = (values[:, -1] >= threshold) if width < n_hidden else values.new_zeros(batch, dtype=torch.bool)
+            if not distributed.any_true(bool(full.any())):
                 break
             width = min(2 * width, n_hidden)
+            values, indices = _widen(values, indices, width)
+            rows = full.nonzero().squeeze(1)
+            values[rows], indices[rows] = sorted_row_topk(z2[rows], width)
         keep = (values >= threshold) & (values > 0)
         used = distributed.max_int(max(1, int(keep.sum(1).max())))  # at least one (zero) code per row
         values, indices, keep = values[:, :used], indices[:, :used], keep[:, :used]
+        values = values.masked_fill(~keep, 0)  # also the -inf of the rows' padding
         with torch.no_grad():
             smallest = threshold.clamp_min(0).to(self.threshold.dtype)
             self.threshold.copy_(
                 smallest if self.threshold < 0 else self.momentum * self.threshold + (1 - self.momentum) * smallest
             )
-        return values * keep, indices
+        return values, indices
+
+
+def _widen(values: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (batch, n) padded to (batch, width) with -inf values (never kept) and index 0."""
+    pad = width - values.shape[1]
+    return (
+        torch.nn.functional.pad(values, (0, pad), value=-float("inf")),
+        torch.nn.functional.pad(indices, (0, pad), value=0),
+    )

@@ -40,10 +40,12 @@ class TopKConfig(ModelConfig):
     """Weight of the AuxK loss."""
 
     @classmethod
-    def default_lr(cls, n_hidden: int) -> float:
-        """4e-3 at 4,096 units, scaled by 1/sqrt(width) as Gao et al. (2024) find for TopK dictionaries.
-        4e-3 was the best of 1e-3 ... 1e-2 on MiniLM activations at width 4,096 (README, "The default recipe")."""
-        return 4e-3 * math.sqrt(4096 / n_hidden)
+    def optim_defaults(cls, n_hidden: int, k: int | None) -> dict:
+        """The learning rate 4e-3 at 4,096 units, scaled by 1/sqrt(width) as Gao et al. (2024) find for TopK
+        dictionaries, and a unit dead after 32 * n_hidden / k examples without firing: 32 times the wait
+        between firings of a unit that fired its fair share, k / n_hidden. Both were chosen on MiniLM
+        activations at width 4,096, k = 32 (README, "The default recipe")."""
+        return {"lr": 4e-3 * math.sqrt(4096 / n_hidden), "dead_after": max(1, 32 * n_hidden // (k or cls.k))}
 
     def problems(self) -> list[str]:
         problems = (

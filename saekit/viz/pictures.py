@@ -512,6 +512,7 @@ def scatter_chart(
         spot = (float(f"{x:.3g}"), float(f"{y:.3g}"))
         seen[spot] = seen.get(spot, -1) + 1
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4 - 11 * seen[spot]), fontsize=8)
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which="major", color="0.9")
     return _pixels(figure)
