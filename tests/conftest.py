@@ -109,6 +109,16 @@ def make_model(
     return build(config(kind, n_hidden=n_hidden, output=output, **settings), n_inputs, dtype=dtype, seed=seed)
 
 
+def with_random_biases(model, seed: int = 0):
+    """model (float64) with non-zero biases b1 ~ 0.1 N(0, 1), b2 ~ 0.3 N(0, 1) drawn from seed + 100, so
+    that pre_bias matters; returns it."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        model.b1.copy_(0.1 * torch.randn(model.b1.shape, generator=g, dtype=torch.float64))
+        model.b2.copy_(0.3 * torch.randn(model.b2.shape, generator=g, dtype=torch.float64))
+    return model
+
+
 def word_tokenizer(words, template: str = "[BOS] $A", **roles):
     """A fast tokenizer, built offline, that splits on whitespace and knows `words`: ids 0 [PAD], 1 [UNK],
     then the special tokens of `roles` (e.g. bos_token="[BOS]", or cls_token and sep_token for

@@ -6,7 +6,7 @@ straight-through gradients by hand (saekit.kinds.jumprelu.Threshold)."""
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, with_random_biases
 
 from saekit.kernels.sparse import sparse_encode
 from saekit.kinds.batchtopk import BatchSelection
@@ -29,11 +29,7 @@ def _model(activation, pre_bias, seed=0, aux_k=0):
         aux_k=aux_k,
         aux_coefficient=AUX_COEFFICIENT,
     )
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        model.b1.copy_(0.1 * torch.randn(N_HIDDEN, generator=g, dtype=torch.float64))
-        model.b2.copy_(0.3 * torch.randn(D, generator=g, dtype=torch.float64))
-    return model
+    return with_random_biases(model, seed)
 
 
 def _x(seed=1, m=BATCH):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_one_line_error, make_model, run_cli
+from conftest import assert_one_line_error, make_model, run_cli, with_random_biases
 
 from saekit.errors import UserError
 from saekit.interop.saelens import export_saelens, import_saelens
@@ -36,11 +36,7 @@ def _model(pre_bias=True, seed=0, aux_k=0, prefixes="4,10", **settings):
         matryoshka_prefixes=prefixes,
         **settings,
     )
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        model.b1.copy_(0.1 * torch.randn(N_HIDDEN, generator=g, dtype=torch.float64))
-        model.b2.copy_(0.3 * torch.randn(D, generator=g, dtype=torch.float64))
-    return model
+    return with_random_biases(model, seed)
 
 
 def _x(seed=1, m=BATCH):

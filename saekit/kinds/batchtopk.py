@@ -115,8 +115,8 @@ class BatchSelection(nn.Module):
         values, indices = sorted_row_topk(z2, width)
         while True:
             threshold = self._batch_threshold(values, n_keep)
-            full = (values[:, -1] >= threshold) if width < n_hidden else values.new_zeros(batch, dtype=torch.bool)
-            if not distributed.any_true(bool(full.any())):
+            full = values[:, -1] >= threshold  # every process has the same width, so all stop together
+            if width == n_hidden or not distributed.any_true(bool(full.any())):
                 break
             width = min(2 * width, n_hidden)
             values, indices = _widen(values, indices, width)
