@@ -31,9 +31,8 @@ import torch
 from . import distributed, ufldl
 from .classify import classify
 from .config import PARTS, build_config
-from .data import load_training_data
-from .data.harvest import DOCUMENTS, DTYPES, harvest
-from .data.vectors import open_vectors
+from .data import load_training_data, open_pairs
+from .data.harvest import DOCUMENTS, DTYPES, VECTORS, harvest
 from .errors import UserError
 from .eval import evaluate_stream, spliced_eval
 from .files import os_error_message
@@ -169,6 +168,12 @@ def add_reading_arguments(parser, required: bool) -> None:
     )
     parser.add_argument("--layer", type=int, help="hidden_states index: 0 = embeddings, L = output of block L")
     parser.add_argument("--hook-module", metavar="NAME", help="the output of this module instead (e.g. h.3.mlp)")
+    parser.add_argument(
+        "--target-layer", type=int, help="transcoder: also read this hidden_states index, the place it reconstructs"
+    )
+    parser.add_argument(
+        "--target-hook-module", metavar="NAME", help="transcoder: or the output of this module (e.g. h.3.mlp)"
+    )
     parser.add_argument("--context-length", type=int, default=128, help="tokens per window at most (default: 128)")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
     parser.add_argument("--max-tokens", type=int, help="stop after this many text tokens (default: all the text)")
@@ -187,8 +192,10 @@ def add_reading_arguments(parser, required: bool) -> None:
 
 def _reading(args) -> dict:
     """The reading options as keyword arguments of harvest and spliced_eval."""
-    names = ("layer", "hook_module", "context_length", "batch_size", "max_tokens", "document", "keep_special")
-    return {name: getattr(args, name) for name in (*names, "drop_first", "device")}
+    names = ("layer", "hook_module", "target_layer", "target_hook_module", "context_length", "batch_size")
+    return {
+        name: getattr(args, name) for name in (*names, "max_tokens", "document", "keep_special", "drop_first", "device")
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,11 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with --model, --text and --layer (or --hook-module), run the model over the text with the "
         "layer's output replaced by the dictionary's reconstruction, by zeros and by the mean, and "
         "report the cross-entropy and KL scores (causal language models) or the cosine of the pooled "
-        "outputs (sentence encoders) with the same metrics on the same tokens.",
+        "outputs (sentence encoders) with the same metrics on the same tokens. A transcoder takes its "
+        "target place too (--target-layer or --target-hook-module), whose output it replaces.",
     )
     ev.add_argument("run", metavar="RUN", help="a run folder")
     ev.add_argument("--data", metavar="PATH", help=".npy or .safetensors file, or a folder of shards")
     ev.add_argument("--data-key", metavar="KEY", help="tensor name in .safetensors files")
+    ev.add_argument("--target-key", metavar="KEY", help="transcoder: the targets' tensor name (default: targets)")
+    ev.add_argument("--target-data", metavar="PATH", help="transcoder: the targets, if not in --data's files")
     ev.add_argument("--max-rows", type=int, default=None, help="use only the first rows (default: all)")
     add_reading_arguments(ev.add_argument_group("spliced evaluation"), required=False)
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -278,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "harvest",
         help="save a transformer layer's activations over text files as shards",
         description="Run a Hugging Face transformers model (offline) over text files and save "
-        "one layer's activations as .safetensors shards that `saekit train --data` streams.",
+        "one layer's activations as .safetensors shards that `saekit train --data` streams; with "
+        "--target-layer or --target-hook-module, also a second place's activations at the same tokens "
+        "(a transcoder's targets, which `saekit train --target-key targets` reconstructs).",
     )
     add_reading_arguments(hv, required=True)
     hv.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and harvest.json")
@@ -487,10 +499,12 @@ def cmd_eval(args) -> int:
             raise UserError("spliced evaluation reads text: give --text with text files or folders.")
         metrics, density = spliced_eval(model, args.model, args.text, **_reading(args), progress=not args.no_progress)
     else:
-        source = open_vectors(args.data, args.data_key)
-        if source.d != model.n_inputs:
+        target_key = args.target_key or (VECTORS[1] if model.transcoder else None)
+        source = open_pairs(args.data, args.data_key, args.target_data, target_key)
+        if source.widths != model.widths:
             raise UserError(
-                f"{args.data} holds vectors of {source.d}, but the dictionary in {args.run} takes {model.n_inputs}."
+                f"{args.data} holds vectors of {source.widths[0]} (targets of {source.widths[1]}), but the "
+                f"dictionary in {args.run} takes {model.n_inputs} (targets of {model.widths[1]})."
             )
         metrics, density = evaluate_stream(model, source, max_rows=args.max_rows)
         metrics["data"] = str(args.data)
@@ -517,6 +531,9 @@ def cmd_harvest(args) -> int:
         progress=not args.no_progress,
     )
     where = f"layer {args.layer}" if args.hook_module is None else f"module {args.hook_module}"
+    if manifest["d_target"] is not None:
+        target = args.target_hook_module or f"layer {args.target_layer}"
+        where += f", with targets of d={manifest['d_target']} from {target},"
     print(
         f"harvested {manifest['n_tokens']} vectors of d={manifest['d']} from {where} of "
         f"{manifest['model']} into {manifest['n_shards']} shards in {args.out} "

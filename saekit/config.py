@@ -210,7 +210,9 @@ def build_config(
 
     A preset's settings that the chosen kind does not have, or whose value it cannot take, are
     left out (`--preset topk --kind relu` keeps topk's data and optimisation, not its k); a
-    file's or an override's are errors.
+    file's or an override's are errors. The kind derives settings from its width where none are
+    given (`optim_defaults`), and a transcoder (a target key or data) leaves its decoder columns
+    free (normalize_decoder off) unless told.
     """
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; `saekit presets` lists them: {', '.join(PRESETS)}.")
@@ -225,6 +227,8 @@ def build_config(
             for k, v in values.items()
             if k in explicit or k == "kind" or k in PART_OF or (k in own and accepts(config_class, k, v))
         }
+        if (values.get("target_key") or values.get("target_data")) and "normalize_decoder" not in explicit:
+            values["normalize_decoder"] = False  # a transcoder's decoder columns stay free (README, "Transcoders")
         n_hidden, k = values.get("n_hidden", config_class.n_hidden), values.get("k")
         if type(n_hidden) is int and n_hidden > 0 and (k is None or (type(k) is int and k > 0)):
             values = {**config_class.optim_defaults(n_hidden, k), **values}  # the kind's rules, e.g. lr by width

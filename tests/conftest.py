@@ -98,15 +98,18 @@ def make_model(
     *,
     dtype=torch.float64,
     seed: int | None = 0,
+    n_outputs: int | None = None,
     **settings,
 ):
-    """A saekit model built as the library builds it (saekit.kinds.build), for tests. Settings the
-    kind does not have (k for a sigmoid kind, say) are left out, so one call serves every kind."""
+    """A saekit model built as the library builds it (saekit.kinds.build), for tests; a transcoder with
+    n_outputs. Settings the kind does not have (k for a sigmoid kind, say) are left out, so one call
+    serves every kind."""
     from saekit.kinds import KINDS, build, config
 
     known = {f.name for f in dataclasses.fields(KINDS[kind].Config)}
     settings = {name: value for name, value in settings.items() if name in known}
-    return build(config(kind, n_hidden=n_hidden, output=output, **settings), n_inputs, dtype=dtype, seed=seed)
+    cfg = config(kind, n_hidden=n_hidden, output=output, **settings)
+    return build(cfg, n_inputs, n_outputs=n_outputs, dtype=dtype, seed=seed)
 
 
 def with_random_biases(model, seed: int = 0):

@@ -3,7 +3,7 @@ second Ctrl-C, SIGTERM, damaged checkpoint files), resuming gives the weights of
 uninterrupted run bit for bit, or refuses in one line; never exit status 0 with other weights.
 
 Runs are real processes of `saekit train` (tests/fault_runner.py injects the fault). The kill
-points are sampled (about ten per file-system function); SAEKIT_FAULTS_FULL=1 tries every one.
+points are sampled (about eight per file-system function); SAEKIT_FAULTS_FULL=1 tries every one.
 """
 
 import json
@@ -138,7 +138,7 @@ def resume_outcome(cwd: Path, run: str, reference: dict) -> str:
 
 
 def kill_points(total: int) -> list[int]:
-    return list(range(1, total + 1)) if FULL else sorted({1, 2, total, *range(3, total, max(1, total // 6))})
+    return list(range(1, total + 1)) if FULL else sorted({1, 2, total, *range(3, total, max(1, total // 8))})
 
 
 @pytest.mark.parametrize("function", ["os.fsync", "os.replace", "os.rename"])

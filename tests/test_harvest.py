@@ -23,6 +23,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from conftest import assert_one_line_error, run_cli, word_documents, word_tokenizer  # noqa: E402
 
 from saekit import __version__  # noqa: E402
+from saekit.data import open_pairs  # noqa: E402
 from saekit.data.harvest import harvest, load_provenance, load_tokenizer, resolve_model_folder  # noqa: E402
 from saekit.data.vectors import open_vectors  # noqa: E402
 from saekit.errors import UserError  # noqa: E402
@@ -292,6 +293,40 @@ def test_hook_module_drop_first_float16_and_max_tokens(tiny, tmp_path):
 
 
 @pytest.mark.slow  # runs a transformer
+@pytest.mark.parametrize(
+    "reading, inputs, targets",
+    [
+        (dict(hook_module="h.0.ln_2", target_hook_module="h.0.mlp"), dict(module="h.0.ln_2"), dict(module="h.0.mlp")),
+        (dict(layer=1, target_layer=2), dict(layer=1), dict(layer=2)),
+        (dict(hook_module="h.1.mlp", target_layer=1), dict(module="h.1.mlp"), dict(layer=1)),  # target first
+    ],
+)
+def test_a_transcoders_inputs_and_targets_in_one_pass(tiny, tmp_path, reading, inputs, targets):
+    folder, _, _, texts, _ = tiny
+    x, where = _expected(tiny, **inputs)
+    y, _ = _expected(tiny, **targets)
+    out = tmp_path / "out"
+    manifest = harvest(
+        folder, texts, out, context_length=CONTEXT, batch_size=3, shard_size=25, progress=False, **reading
+    )
+    shards = sorted(out.glob("shard_*.safetensors"))
+    with_targets = [safetensors.torch.load_file(p) for p in shards]
+    assert all(sorted(t) == sorted(["activations", "targets", *PROVENANCE]) for t in with_targets)
+    activations, targets = (torch.cat([t[key] for t in with_targets]) for key in ("activations", "targets"))
+    torch.testing.assert_close(activations, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(targets, y, rtol=0, atol=1e-5)
+    assert torch.equal(torch.cat([t["token"] for t in with_targets]), where["token"])
+    assert (manifest["d"], manifest["d_target"]) == (32, 32) and len(shards) > 1
+    assert manifest["target_layer"] == reading.get("target_layer")
+    assert manifest["target_hook_module"] == reading.get("target_hook_module")
+    # Training reads the inputs unless told, and pairs them with the targets when asked.
+    assert open_vectors(out).d == 32 and torch.equal(open_vectors(out).read(0, 5), activations[:5])
+    paired = open_pairs(out, target_key="targets")
+    assert paired.widths == (32, 32)
+    assert torch.equal(paired.read(3, 7), torch.cat([activations[3:7], targets[3:7]], 1))
+
+
+@pytest.mark.slow  # runs a transformer
 def test_document_per_file_uses_long_windows(tiny, tmp_path):
     folder, raw, model, texts, docs = tiny
     out = tmp_path / "out"
@@ -398,6 +433,9 @@ def test_model_folder_from_an_installed_package(tmp_path, monkeypatch):
         (dict(context_length=1), "leaves no text tokens"),
         (dict(context_length=17), "exceeds the model's 16 positions"),
         (dict(shard_size=0), "shard_size is 0"),
+        (dict(target_layer=N_LAYERS + 1), "layer 3 is out of range"),
+        (dict(target_hook_module="h.9.mlp"), "no module 'h.9.mlp'"),
+        (dict(target_layer=2, target_hook_module="h.0.mlp"), "at most one of --target-layer"),
     ],
 )
 def test_errors(tiny, tmp_path, change, message):

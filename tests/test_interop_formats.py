@@ -406,8 +406,8 @@ def change_cfg(**fields):
 @pytest.mark.parametrize(
     "change,file,message",
     [
-        (change_cfg(skip_connection=True), "cfg.json", "skip_connection is True: a linear skip connection"),
-        (change_cfg(transcode=True), "cfg.json", "transcode is True: a transcoder"),
+        (change_cfg(skip_connection=True), "cfg.json", "skip_connection without transcode"),
+        (change_cfg(transcode=True, skip_connection=True), "sae.safetensors", r"needs exactly \['W_dec', 'W_skip'"),
         (change_cfg(signed=True), "cfg.json", "signed is True"),
         (change_cfg(activation="groupmax"), "cfg.json", "activation 'groupmax' has no saekit equivalent"),
         (change_cfg(batch_topk=True), "cfg.json", r"fields saekit does not know \(batch_topk\)"),

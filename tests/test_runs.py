@@ -76,6 +76,7 @@ def test_save_and_load_model_round_trip(tmp_path, dtype):
         "output": "linear",
         "pre_bias": False,
         "tied_init": False,
+        "skip": False,
         "weight_decay": 0.0,
         "penalty": "l1-decoder",
         "beta": 0.05,

@@ -98,31 +98,37 @@ def _hooked(module, replace=None):
     return module.register_forward_hook(hook), seen
 
 
-def _reference(model, module, windows, special, sae_weights, lm: bool):
-    """Every number spliced evaluation reports, computed window by window in float64."""
+def _reference(model, module, windows, special, sae_weights, lm: bool, source=None, W_skip=None):
+    """Every number spliced evaluation reports, computed window by window in float64. A transcoder reads
+    the output of `source` and replaces that of `module` (with W_skip, x W_skip^T is added to its output)."""
     W1, b1, W2, b2, activation = sae_weights
+    source = module if source is None else source
     runs = []
     with torch.no_grad():
-        xs = []  # per window: (seq, d) activations
+        xs, ys = [], []  # per window: (seq, d) activations at source (the dictionary's input) and at module
         for w in windows:
-            handle, seen = _hooked(module)
+            hooks = [_hooked(m) for m in (source, module)]
             model(input_ids=torch.tensor([w]))
-            handle.remove()
-            xs.append(seen[0][0].double())
+            for handle, _ in hooks:
+                handle.remove()
+            xs.append(hooks[0][1][0][0].double())
+            ys.append(hooks[1][1][0][0].double())
         keeps = [torch.tensor([t not in special for t in w]) for w in windows]
         x = torch.cat([h[k] for h, k in zip(xs, keeps)])
-        mean = x.mean(0)
+        y = torch.cat([h[k] for h, k in zip(ys, keeps)])
+        mean = y.mean(0)
+
+        def reconstruct(x):
+            y_hat = activation(x @ W1.double().T + b1.double()) @ W2.double().T + b2.double()
+            return y_hat if W_skip is None else y_hat + x @ W_skip.double().T
+
         codes = activation(x @ W1.double().T + b1.double())
-        x_hat = codes @ W2.double().T + b2.double()
-
-        def reconstruct(h):
-            return activation(h @ W1.double().T + b1.double()) @ W2.double().T + b2.double()
-
-        for w, k in zip(windows, keeps):
+        y_hat = reconstruct(x)
+        for w, k, x_w in zip(windows, keeps, xs):
             outputs = {}
             for name, fill in [
                 ("clean", None),
-                ("spliced", reconstruct),
+                ("spliced", lambda h, x_w=x_w, k=k: reconstruct(x_w[k])),
                 ("zero", lambda h: torch.zeros_like(h)),
                 ("mean_ablation", lambda h: mean.expand_as(h)),
             ]:
@@ -139,10 +145,10 @@ def _reference(model, module, windows, special, sae_weights, lm: bool):
             runs.append((w, outputs))
     ref = {
         "n_tokens_spliced": len(x),
-        "fvu": float(((x_hat - x) ** 2).sum() / ((x - mean) ** 2).sum()),
+        "fvu": float(((y_hat - y) ** 2).sum() / ((y - mean) ** 2).sum()),
         "l0": float((codes > 0).sum(1).double().mean()),
         "dead_fraction": float(((codes > 0).sum(0) == 0).double().mean()),
-        "mse": float(((x_hat - x) ** 2).mean()),
+        "mse": float(((y_hat - y) ** 2).mean()),
     }
     names = ("spliced", "zero", "mean_ablation")
     if lm:
@@ -292,6 +298,48 @@ def test_cli_writes_eval_json(gpt2, texts, tmp_path, capsys):
     assert_one_line_error(
         run_cli(["eval", str(tmp_path), "--model", str(folder), "--layer", "1"]), capsys.readouterr().err, "--text"
     )
+
+
+def _transcoder(d_in, d_hidden, d_out, skip: bool, seed=5):
+    """A relu transcoder d_in -> d_out with random weights (and skip connection); returns (model, weights)."""
+    g = torch.Generator().manual_seed(seed)
+    sae = make_model(d_in, d_hidden, "relu", "linear", dtype=torch.float32, n_outputs=d_out, skip=skip)
+    with torch.no_grad():
+        for p, scale in [(sae.W1, 0.3), (sae.b1, 0.1), (sae.W2, 0.2), (sae.b2, 0.1), (sae.W_skip, 0.1)]:
+            if p is not None:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    weights = (sae.W1.detach(), sae.b1.detach(), sae.W2.detach(), sae.b2.detach(), torch.relu)
+    return sae, weights
+
+
+@pytest.mark.slow  # runs transformers
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_transcoder_spliced_in_place_of_an_mlp_matches_an_independent_computation(gpt2, texts, skip):
+    folder, model, raw = gpt2
+    sae, weights = _transcoder(D, 48, D, skip)
+    reading = dict(hook_module="h.0.ln_2", target_hook_module="h.0.mlp", context_length=CONTEXT, progress=False)
+    result, density = spliced_eval(sae, str(folder), texts, batch_size=3, **reading)
+    windows = _windows(raw, lambda ids: [2, *ids], 1)
+    block = model.transformer.h[0]
+    W_skip = sae.W_skip.detach() if skip else None
+    ref = _reference(model, block.mlp, windows, {0, 1, 2}, weights, lm=True, source=block.ln_2, W_skip=W_skip)
+    _check(result, ref)
+    assert (result["hook_module"], result["target_hook_module"]) == ("h.0.ln_2", "h.0.mlp")
+    assert len({ref[f"ce_loss_{k}"] for k in ("clean", "spliced", "zero")}) == 3 and len(density) == 48
+
+
+@pytest.mark.slow  # runs transformers
+def test_a_transcoder_needs_its_target_and_an_autoencoder_refuses_one(gpt2, texts, tmp_path):
+    sae, _ = _transcoder(D, 8, D, skip=True)
+    with pytest.raises(UserError, match="is a transcoder: give the place it reconstructs"):
+        spliced_eval(sae, gpt2[0], texts, hook_module="h.0.ln_2", context_length=CONTEXT, progress=False)
+    autoencoder, _ = _relu_run(tmp_path, _partial())
+    with pytest.raises(UserError, match="are for transcoders"):
+        spliced_eval(autoencoder, gpt2[0], texts, layer=1, target_layer=2, context_length=CONTEXT, progress=False)
+    wide, _ = _transcoder(D, 8, D + 1, skip=False)
+    with pytest.raises(UserError, match="vectors of 32, but the dictionary reconstructs 33"):
+        kw = dict(hook_module="h.0.ln_2", target_hook_module="h.0.mlp", context_length=CONTEXT, progress=False)
+        spliced_eval(wide, gpt2[0], texts, **kw)
 
 
 @pytest.mark.slow  # runs transformers

@@ -13,7 +13,7 @@ import torch
 from ..errors import UserError
 from ..settings import Settings
 from .synthetic import SyntheticDictionary, structure_problems
-from .vectors import ArraySource, VectorSource, open_vectors
+from .vectors import ArraySource, PairedSource, VectorSource, open_vectors
 
 NAMED = ("natural-patches", "mnist", "fashion-mnist", "synthetic")
 LABELLED = ("mnist", "fashion-mnist")
@@ -26,7 +26,14 @@ class DataConfig(Settings):
     mat), 'mnist', 'fashion-mnist', 'synthetic' (a known random dictionary, see --synthetic-atoms), or the path of
     vectors to stream: a .npy file, a .safetensors file or a folder of such shards."""
     data_key: str | None = None
-    """Name of the tensor to read in .safetensors files (default: the only 2-D tensor)."""
+    """Name of the tensor to read in .safetensors files (default: 'activations', else the only 2-D tensor)."""
+    target_key: str | None = None
+    """Transcoder: the tensor of the .safetensors files to reconstruct instead of the input, row for row (e.g.
+    'targets', which `saekit harvest --target-layer` writes beside the input's 'activations'). A transcoder's
+    decoder starts at 0 (with --tied-init) and its columns are not normalised unless --normalize-decoder."""
+    target_data: str | None = None
+    """Transcoder: vectors to reconstruct instead of the input, row for row with --data: a .npy or .safetensors file
+    or a folder of shards (read with --target-key, if given)."""
     images_mat: str | None = None
     """Path to UFLDL's IMAGES.mat (512x512x10 whitened images); patches are then sampled from it."""
     data_dir: str | None = None
@@ -70,6 +77,10 @@ class DataConfig(Settings):
             problems.append(
                 f"--corruption-level must be >= 0 and finite, and below 1 for 'mask' (got {self.corruption_level})"
             )
+        if self.transcoder and self.data in NAMED:
+            problems.append(f"--target-key and --target-data need --data a path of vectors, not {self.data!r}")
+        if self.transcoder and self.corruption != "none":
+            problems.append("--corruption makes a denoising autoencoder, which reconstructs its own input, not targets")
         try:
             parse_digits(self.digits)
         except UserError as e:
@@ -91,6 +102,11 @@ class DataConfig(Settings):
     @property
     def labelled(self) -> bool:
         return self.data in LABELLED
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether the model reconstructs targets other than its input."""
+        return self.target_key is not None or self.target_data is not None
 
     def corruption_fn(self) -> "Corruption | None":
         return None if self.corruption == "none" else Corruption(self.corruption, self.corruption_level)
@@ -120,6 +136,11 @@ class Dataset(NamedTuple):
     source: VectorSource  # the same rows as a source that streams
     true_atoms: torch.Tensor | None = None  # synthetic data: the dictionary that made it (n_atoms, n_inputs)
     true_parents: torch.Tensor | None = None  # synthetic data: each atom's parent (n_atoms,), -1 for none
+
+    @property
+    def widths(self) -> tuple[int, int | None]:
+        """(n_inputs, n_outputs): the inputs' width, and a transcoder's targets' width (None: an autoencoder)."""
+        return self.source.widths
 
     def in_memory(self) -> torch.Tensor:
         """The rows x, which the settings' checks guarantee wherever they are asked for."""
@@ -162,8 +183,14 @@ def load_training_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, devi
     """The training examples the settings name: in memory (in dtype, on device), or a streamed
     source when cfg.data is a path. seed fixes the sample of patches or synthetic vectors."""
     if cfg.data not in NAMED:
-        source = open_vectors(cfg.data, cfg.data_key)
-        return Dataset(None, None, None, f"{source.n} vectors of {source.d} from {cfg.data}", source)
+        source = open_pairs(cfg.data, cfg.data_key, cfg.target_data, cfg.target_key)
+        description = f"{source.n} vectors of {source.d} from {cfg.data}"
+        if isinstance(source, PairedSource):
+            description = (
+                f"{source.n} vectors of {source.d_in} from {cfg.data}, each paired with a target of "
+                f"{source.d_out} from {source.outputs.name}"
+            )
+        return Dataset(None, None, None, description, source)
     if cfg.data in LABELLED:
         return _to_dataset(*_digit_images(cfg, "train", cfg.n_examples), cfg.data, dtype, device)
     if cfg.data == "synthetic":
@@ -200,6 +227,17 @@ def _synthetic(cfg: DataConfig, dtype, device, seed: int) -> Dataset:
         f"{cfg.synthetic_atoms} known atoms each{structure}"
     )
     return _to_dataset(sample.x, None, None, description, cfg.data, dtype, device, truth)
+
+
+def open_pairs(
+    data, data_key: str | None = None, target_data: str | None = None, target_key: str | None = None
+) -> VectorSource:
+    """The vectors of data; with target_data or target_key, paired with the targets a transcoder
+    reconstructs (target_key in target_data, or in data's own files)."""
+    source = open_vectors(data, data_key)
+    if target_data is None and target_key is None:
+        return source
+    return PairedSource(source, open_vectors(target_data or data, target_key))
 
 
 def load_test_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, device="cpu") -> Dataset:

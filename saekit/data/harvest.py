@@ -26,10 +26,16 @@ exceeds F times the median norm are dropped too (attention sinks); the median is
 first OUTLIER_SAMPLE rows (of all rows in a smaller harvest). Rows come in text order: window
 by window, token by token.
 
+Transcoders. `target_layer` or `target_hook_module` names a second place (e.g. "h.3.mlp", an
+MLP's output, when `hook_module` is "h.3.ln_2", its input), read in the same forward pass at
+the same tokens: each shard then holds "targets" beside "activations", row for row, and
+`saekit train --target-key targets` trains a transcoder from one to the other.
+
 The output folder.
 
     shard_00000.safetensors, ...   `shard_size` rows each (the last may be shorter): the 2-D tensor
-                                   "activations" (n_rows, d) in float32 or float16, and the rows'
+                                   "activations" (n_rows, d) in float32 or float16 (and a
+                                   transcoder's "targets" (n_rows, d_target)), and the rows'
                                    provenance as 1-D int64 tensors (n_rows,): "document" (index of
                                    the document in reading order), "window" (index of the window
                                    over the whole harvest), "position" (in the window, special
@@ -47,6 +53,7 @@ unless `overwrite`; the files of an unfinished one are replaced. Every file is w
 atomically (the tokenizer's folder as one unit).
 """
 
+import functools
 import importlib.util
 import shutil
 import sys
@@ -75,6 +82,7 @@ WINDOWS = "windows"  # the folder of the windows' token ids
 WINDOWS_NAME = "windows_{:05d}.safetensors"
 TOKENIZER = "tokenizer"  # the folder of the saved tokenizer
 PROVENANCE = ("document", "window", "position", "token")  # the 1-D tensors beside "activations"
+VECTORS = ("activations", "targets")  # the 2-D tensors: the input point's, a transcoder's target point's
 TOKENIZE_DOCUMENTS = 64  # documents tokenized per call: fast tokenizers work in batches
 OUTLIER_SAMPLE = 65536  # rows whose median norm sets the outlier limit
 
@@ -257,24 +265,44 @@ def check_per_token(name: str, hidden, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def capture(model, input_ids, attention_mask, layer: int | None, hook_module: str | None) -> torch.Tensor:
-    """Activations (batch, seq, d) of hidden_states[layer], or of the base model's module hook_module."""
-    if hook_module is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[layer]
-    captured = []
+class Point(NamedTuple):
+    """A place in the model to read: hidden_states[layer], or the output of the base model's module hook_module."""
 
-    def hook(module, inputs, output):
-        captured.append(first_output(output))
-        raise _Stop  # skip the layers after the captured one
+    layer: int | None
+    hook_module: str | None
 
-    handle = model.base_model.get_submodule(hook_module).register_forward_hook(hook)
+
+def capture(model, input_ids, attention_mask, points: list[Point]) -> list[torch.Tensor]:
+    """The activations (batch, seq, d) at each point, from one forward pass (cut short after the last
+    hooked module where no hidden_states are needed)."""
+    names = [p.hook_module for p in points if p.hook_module is not None]
+    hidden_states = any(p.layer is not None for p in points)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, inputs, output, name):
+        captured[name] = first_output(output)
+        if not hidden_states and len(captured) == len(set(names)):
+            raise _Stop  # skip the layers after the last captured one
+
+    handles = [
+        model.base_model.get_submodule(name).register_forward_hook(functools.partial(hook, name=name))
+        for name in set(names)
+    ]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
     except _Stop:
-        pass
+        out = None
     finally:
-        handle.remove()
-    return check_per_token(hook_module, captured[0] if captured else "nothing", input_ids)
+        for handle in handles:
+            handle.remove()
+
+    def activations(point: Point) -> torch.Tensor:
+        if point.layer is not None:
+            return out.hidden_states[point.layer]
+        name = str(point.hook_module)
+        return check_per_token(name, captured.get(name, "nothing"), input_ids)
+
+    return [activations(p) for p in points]
 
 
 class ShardWriter:
@@ -382,9 +410,11 @@ def clear_output(out: Path) -> None:
         shutil.rmtree(out / folder, ignore_errors=True)
 
 
-def _check_reading(layer, hook_module, context_length, batch_size, document) -> None:
+def _check_reading(layer, hook_module, target_layer, target_hook_module, context_length, batch_size, document):
     if (layer is None) == (hook_module is None):
         raise UserError("give exactly one of --layer (hidden_states index) and --hook-module (module name)")
+    if target_layer is not None and target_hook_module is not None:
+        raise UserError("give at most one of --target-layer and --target-hook-module (a transcoder's one target)")
     for name, value in [("context_length", context_length), ("batch_size", batch_size)]:
         if value < 1:
             raise UserError(f"{name} is {value}; it must be a positive integer")
@@ -439,8 +469,9 @@ def has_lm_head(folder: Path) -> bool:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type) in (config.architectures or [])
 
 
-def _check_model(model, tokenizer, layer, hook_module, context_length, drop_first):
-    config = model.config
+def _check_point(model, point: Point) -> None:
+    """Refuse a layer out of the model's range, or a module it does not have, in one line."""
+    config, layer, hook_module = model.config, point.layer, point.hook_module
     if layer is not None:
         n_layers = getattr(config, "num_hidden_layers", None)
         if n_layers is None:
@@ -453,7 +484,7 @@ def _check_model(model, tokenizer, layer, hook_module, context_length, drop_firs
                 f"layer {layer} is out of range: the model has {n_layers} layers, so "
                 f"hidden_states run from 0 (embeddings) to {n_layers}"
             )
-    else:
+    elif hook_module is not None:
         names = dict(model.base_model.named_modules())
         if hook_module not in names:
             last = hook_module.rsplit(".", 1)[-1]
@@ -462,6 +493,12 @@ def _check_model(model, tokenizer, layer, hook_module, context_length, drop_firs
                 f"the model has no module {hook_module!r}; names look like "
                 f"{', '.join(like)} (see model.named_modules())"
             )
+
+
+def _check_model(model, tokenizer, points: list[Point], context_length, drop_first):
+    config = model.config
+    for point in points:
+        _check_point(model, point)
     n_positions = getattr(config, "max_position_embeddings", None)
     if n_positions is not None and context_length > n_positions:
         raise UserError(
@@ -481,6 +518,7 @@ class TextModel:
 
     net: Any  # a transformers PreTrainedModel
     tokenizer: Any  # a transformers tokenizer
+    points: list[Point]  # where to read: the input, then a transcoder's target if there is one
     folder: Path  # the model's folder
     files: list[Path]  # the text files, in reading order
     document: str  # "line" or "file"
@@ -521,6 +559,8 @@ def open_text_model(
     *,
     layer: int | None = None,
     hook_module: str | None = None,
+    target_layer: int | None = None,
+    target_hook_module: str | None = None,
     context_length: int = 128,
     batch_size: int = 32,
     document: str = "line",
@@ -530,28 +570,29 @@ def open_text_model(
     lm_head: bool | None = False,
 ) -> TextModel:
     """Load `model` (a folder or an installed package; see resolve_model_folder) to read `texts`, after
-    checking the settings, and check that `layer` or `hook_module` and the window length fit it.
-    lm_head=None loads the causal language model where the folder holds one, else the base model."""
-    _check_reading(layer, hook_module, context_length, batch_size, document)
+    checking the settings, and check that `layer` or `hook_module` (and a transcoder's `target_layer` or
+    `target_hook_module`) and the window length fit it. lm_head=None loads the causal language model
+    where the folder holds one, else the base model."""
+    _check_reading(layer, hook_module, target_layer, target_hook_module, context_length, batch_size, document)
     files = text_files(texts)
     folder = resolve_model_folder(str(model))
     net, tokenizer = load_model(folder, device, has_lm_head(folder) if lm_head is None else lm_head)
-    _check_model(net, tokenizer, layer, hook_module, context_length, drop_first)
+    points = [Point(layer, hook_module)]
+    if target_layer is not None or target_hook_module is not None:
+        points.append(Point(target_layer, target_hook_module))
+    _check_model(net, tokenizer, points, context_length, drop_first)
     return TextModel(
-        net, tokenizer, folder, files, document, context_length, batch_size, keep_special, drop_first, device
+        net, tokenizer, points, folder, files, document, context_length, batch_size, keep_special, drop_first, device
     )
 
 
-def _rows(reader: TextModel, layer, hook_module, dtype: str, windows: WindowWriter, counts: dict):
-    """Yield each batch's kept rows: {"activations": (n, d) in dtype, and the PROVENANCE tensors (n,)}."""
+def _rows(reader: TextModel, dtype: str, windows: WindowWriter, counts: dict):
+    """Yield each batch's kept rows: {"activations": (n, d) in dtype (and a transcoder's "targets"), and the
+    PROVENANCE tensors (n,)}."""
     with torch.no_grad():
         for batch in reader.batches():
-            hidden = capture(
-                reader.net,
-                batch.input_ids.to(reader.device),
-                batch.attention_mask.to(reader.device),
-                layer,
-                hook_module,
+            captured = capture(
+                reader.net, batch.input_ids.to(reader.device), batch.attention_mask.to(reader.device), reader.points
             )
             windows.add(batch)
             keep = reader.kept(batch)
@@ -559,13 +600,15 @@ def _rows(reader: TextModel, layer, hook_module, dtype: str, windows: WindowWrit
                 counts["n_special_excluded"] += int(
                     (batch.attention_mask.bool() & ~text_tokens(batch, reader.special_ids)).sum()
                 )
-            rows = hidden[keep.to(hidden.device)].to("cpu", DTYPES[dtype])  # (kept tokens, d), text order
-            if not torch.isfinite(rows).all():
-                raise UserError(
-                    f"the activations hold NaN or inf (as {dtype}) in windows {batch.first_window} to "
-                    f"{batch.first_window + len(batch.input_ids) - 1}; use --dtype float32 or check the model"
-                )
-            yield {"activations": rows, **provenance(batch, keep)}
+            rows = {}
+            for key, hidden in zip(VECTORS, captured):
+                rows[key] = hidden[keep.to(hidden.device)].to("cpu", DTYPES[dtype])  # (kept tokens, d), text order
+                if not torch.isfinite(rows[key]).all():
+                    raise UserError(
+                        f"the {key} hold NaN or inf (as {dtype}) in windows {batch.first_window} to "
+                        f"{batch.first_window + len(batch.input_ids) - 1}; use --dtype float32 or check the model"
+                    )
+            yield {**rows, **provenance(batch, keep)}
 
 
 def _median(values: torch.Tensor) -> float:
@@ -611,6 +654,8 @@ def harvest(
     *,
     layer: int | None = None,
     hook_module: str | None = None,
+    target_layer: int | None = None,
+    target_hook_module: str | None = None,
     context_length: int = 128,
     batch_size: int = 32,
     max_tokens: int | None = None,
@@ -627,7 +672,8 @@ def harvest(
     """Run `model` over the text and write its activations as shards into `out`; return the manifest.
 
     Exactly one of `layer` (an index into hidden_states) and `hook_module` (a module name) is
-    given. Stops after max_tokens rows (None: all the text). See the module docstring.
+    given; a transcoder's data add one of `target_layer` and `target_hook_module`, read in the same
+    pass. Stops after max_tokens rows (None: all the text). See the module docstring.
     """
     check_max_tokens(max_tokens)
     _check_output_settings(shard_size, dtype, drop_outliers)
@@ -639,6 +685,8 @@ def harvest(
         texts,
         layer=layer,
         hook_module=hook_module,
+        target_layer=target_layer,
+        target_hook_module=target_hook_module,
         context_length=context_length,
         batch_size=batch_size,
         document=document,
@@ -650,16 +698,17 @@ def harvest(
 
     writer, windows = ShardWriter(out, shard_size), WindowWriter(out, shard_size)
     counts: dict = {"n_special_excluded": 0, "n_outliers": 0, "outlier_norm_limit": None}
-    chunks = _rows(reader, layer, hook_module, dtype, windows, counts)
+    chunks = _rows(reader, dtype, windows, counts)
     if drop_outliers is not None:
         chunks = _without_outliers(chunks, drop_outliers, counts)
-    n_tokens, d, start = 0, None, time.time()
+    n_tokens, widths, start = 0, {}, time.time()
     bar = tqdm(total=max_tokens, unit="tok", desc="harvest", disable=not progress, file=sys.stderr)
     for chunk in chunks:
         if max_tokens is not None:
             chunk = {key: value[: max_tokens - n_tokens] for key, value in chunk.items()}
         writer.add(chunk)
-        n_tokens, d = n_tokens + len(chunk["activations"]), chunk["activations"].shape[1]
+        n_tokens += len(chunk["activations"])
+        widths = {key: chunk[key].shape[1] for key in VECTORS if key in chunk}
         bar.update(len(chunk["activations"]))
         if max_tokens is not None and n_tokens >= max_tokens:
             break
@@ -682,7 +731,10 @@ def harvest(
         "model_type": reader.net.config.model_type,
         "layer": layer,
         "hook_module": hook_module,
-        "d": d,
+        "d": widths["activations"],
+        "target_layer": target_layer,
+        "target_hook_module": target_hook_module,
+        "d_target": widths.get("targets"),
         "n_tokens": n_tokens,
         "n_shards": writer.n_shards,
         "shard_size": shard_size,

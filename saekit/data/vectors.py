@@ -32,6 +32,10 @@ settings it depends on, and after `load_state_dict` the window in use is read ag
 permutation redrawn. The position counts global batches, so a run may resume with another
 world_size as long as world_size * batch_size is unchanged.
 
+Pairs. A transcoder reads one place of a network and reconstructs another: a `PairedSource`
+joins its inputs and targets side by side into one wider row, so everything above holds for
+pairs unchanged, and `split` takes a batch apart again.
+
 Validation. Every chunk is checked for NaN and inf after conversion to the stream's dtype
 (so float64 values too large for float32 are caught); the error names the file and row.
 """
@@ -47,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from saekit.errors import UserError
 
 SUFFIXES = (".npy", ".safetensors")
+INPUTS_KEY = "activations"  # the tensor a .safetensors source reads unless told
 SAFETENSORS_NUMERIC = ("F", "BF", "I", "U")  # dtype name prefixes: floats and integers
 
 
@@ -64,6 +69,19 @@ class VectorSource:
     def where(self, row: int) -> str:
         """Where a row lives, for error messages."""
         return f"{self.name} row {row}"
+
+    def split(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of rows read from this source: an autoencoder's rows are both."""
+        return block, block
+
+    def targets(self) -> "VectorSource":
+        """The rows a model fed from this source reconstructs: its own (a PairedSource: the targets)."""
+        return self
+
+    @property
+    def widths(self) -> tuple[int, int | None]:
+        """(n_inputs, n_outputs) of a model fed from this source: (d, None) for an autoencoder's rows."""
+        return self.d, None
 
 
 def _check_matrix(name: str, shape, numeric: bool, dtype) -> tuple[int, int]:
@@ -101,7 +119,8 @@ class ArraySource(VectorSource):
 
 
 class SafetensorsSource(VectorSource):
-    """One 2-D tensor of a .safetensors file: `key`, or else the file's only 2-D tensor."""
+    """One 2-D tensor of a .safetensors file: `key`, or else "activations" (what saekit's harvest
+    writes), or else the file's only 2-D tensor."""
 
     def __init__(self, path: Path, key: str | None = None):
         self.path, self.name = path, str(path)
@@ -114,6 +133,8 @@ class SafetensorsSource(VectorSource):
             raise UserError(
                 f"cannot read {path} as a .safetensors file ({e}); it may be truncated or corrupt: write it again"
             ) from e
+        if key is None and len(shapes.get(INPUTS_KEY, ())) == 2:
+            key = INPUTS_KEY  # a harvest's shard, which may hold a transcoder's targets too
         if key is None:
             matrices = [k for k, shape in shapes.items() if len(shape) == 2]
             if len(matrices) != 1:
@@ -164,6 +185,41 @@ class ShardedSource(VectorSource):
     def where(self, row):
         i = self._shard(row)
         return self.shards[i].where(row - self.starts[i])
+
+
+class PairedSource(VectorSource):
+    """A transcoder's data: inputs (n, d_in) and the targets (n, d_out) it reconstructs, row for row.
+
+    Read as one (n, d_in + d_out) matrix, so that streaming, shuffling, data parallelism and
+    resuming keep each pair together with no code of their own; `split` takes a block apart.
+    """
+
+    def __init__(self, inputs: VectorSource, targets: VectorSource):
+        if inputs.n != targets.n:
+            raise UserError(
+                f"the inputs ({inputs.name}, {inputs.n} rows) and the targets ({targets.name}, {targets.n} rows) "
+                f"differ in length; a transcoder needs one target row for each input row"
+            )
+        self.inputs, self.outputs = inputs, targets
+        self.n, self.d_in, self.d_out = inputs.n, inputs.d, targets.d
+        self.d, self.name = inputs.d + targets.d, f"{inputs.name} (targets {targets.name})"
+
+    def read(self, start, stop):
+        x, y = self.inputs.read(start, stop), self.outputs.read(start, stop)
+        return torch.cat([x, y.to(torch.promote_types(x.dtype, y.dtype))], dim=1)
+
+    def where(self, row):
+        return f"{self.inputs.where(row)} or its target"
+
+    def split(self, block):
+        return block[:, : self.d_in], block[:, self.d_in :]
+
+    def targets(self):
+        return self.outputs
+
+    @property
+    def widths(self):
+        return self.d_in, self.d_out
 
 
 def open_vectors(source, key: str | None = None) -> VectorSource:

@@ -51,22 +51,24 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
     """Metrics of a dictionary over the first max_rows rows of a VectorSource, read in order.
 
     Returns (metrics, density) where density (n_hidden,) is each unit's firing frequency.
-    mse is per input value; fvu = sum ||x_hat - x||^2 / sum ||x - mean(x)||^2; l0 is the mean
+    mse is per output value; fvu = sum ||x_hat - y||^2 / sum ||y - mean(y)||^2 with y the rows
+    themselves (a transcoder's source: their targets, see PairedSource); l0 is the mean
     number of active units per example; dead_fraction counts units that never fired here.
     """
     model.eval()
     n = source.n if max_rows is None else min(source.n, max_rows)
     dtype, device = model.W1.dtype, model.W1.device
     squared_error = total_squared = active = 0.0
-    total = torch.zeros(model.n_inputs, dtype=torch.float64)
+    total = torch.zeros(model.n_outputs, dtype=torch.float64)
     fired = torch.zeros(model.n_hidden, dtype=torch.float64)
     for start in range(0, n, batch_size):
-        x = check_finite(source.read(start, min(start + batch_size, n)).to(dtype=dtype), source, start).to(device)
-        out = model(x)
+        block = check_finite(source.read(start, min(start + batch_size, n)).to(dtype=dtype), source, start)
+        x, y = source.split(block.to(device))
+        out = model(x, y)
         h = model.dense_codes(out.codes)
-        squared_error += float((out.x_hat - x).double().pow(2).sum())
-        total += x.double().sum(0).cpu()
-        total_squared += float(x.double().pow(2).sum())
+        squared_error += float((out.x_hat - y).double().pow(2).sum())
+        total += y.double().sum(0).cpu()
+        total_squared += float(y.double().pow(2).sum())
         fired += model.activity(out.codes).double().sum(0).cpu()
         active += float((h > 0).sum())
     variance = total_squared - float(total.pow(2).sum()) / n
@@ -74,7 +76,7 @@ def evaluate_stream(model, source, batch_size: int = 4096, max_rows: int | None 
     norms = model.W2.norm(dim=0).double()
     metrics = {
         "n_examples": n,
-        "mse": squared_error / (n * model.n_inputs),
+        "mse": squared_error / (n * model.n_outputs),
         "fvu": fraction(squared_error, variance),
         "l0": active / n,
         "dead_fraction": float((density == 0).double().mean()),

@@ -32,6 +32,12 @@ mean pooling; padding left out), and
 
 Both add the dictionary's reconstruction metrics on the same tokens (saekit.eval.metrics.
 evaluate_stream: mse, fvu, l0, dead_fraction, ...).
+
+Transcoders. With `target_layer` or `target_hook_module` (the place the transcoder reconstructs,
+e.g. an MLP's output "h.3.mlp" from its input "h.3.ln_2"), the replaced output is the target's:
+spliced, it is the transcoder's output computed from the clean input activations (the input
+comes before the target, so its activations are the clean run's), and the mean ablation is the
+target's mean. A transcoder spliced in place of an MLP is how it is judged in practice.
 """
 
 import sys
@@ -42,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..data.harvest import (
     Batch,
+    Point,
     TextModel,
     capture,
     check_max_tokens,
@@ -51,16 +58,20 @@ from ..data.harvest import (
     resolve_model_folder,
     text_tokens,
 )
-from ..data.vectors import ArraySource
+from ..data.vectors import ArraySource, PairedSource
 from ..errors import UserError
 from .metrics import evaluate_stream
 
 REPLACEMENTS = ("spliced", "zero", "mean_ablation")
 
 
-def find_layer_module(reader: TextModel, batch: Batch, layer: int) -> str:
-    """The name (in the base model) of the outermost module whose output is hidden_states[layer] on batch;
-    among modules at the same depth, the last to finish."""
+def module_name(reader: TextModel, batch: Batch, point: Point) -> str:
+    """The name (in the base model) of the module whose output is the point: its hook_module, or the
+    outermost module whose output is hidden_states[layer] on batch (among modules at the same depth,
+    the last to finish)."""
+    if point.hook_module is not None:
+        return point.hook_module
+    layer = point.layer
     finished: list[tuple[str, torch.Tensor]] = []
     hooks = [
         module.register_forward_hook(lambda m, i, output, name=name: finished.append((name, first_output(output))))
@@ -175,41 +186,55 @@ def spliced_eval(
 ) -> tuple[dict, torch.Tensor]:
     """The dictionary `sae` spliced into `model` over the text: (metrics, density), density (n_hidden,) each
     unit's firing frequency on the kept tokens. `reading`: how the text is read, as in `saekit harvest`
-    (layer or hook_module, context_length, batch_size, document, keep_special, drop_first, device; see
-    saekit.data.harvest.open_text_model). See the module docstring."""
+    (layer or hook_module, a transcoder's target_layer or target_hook_module, context_length, batch_size,
+    document, keep_special, drop_first, device; see saekit.data.harvest.open_text_model). See the module
+    docstring."""
     check_max_tokens(max_tokens)
     causal = has_lm_head(resolve_model_folder(str(model)))
     reader = open_text_model(model, texts, **reading, lm_head=causal)
+    if sae.transcoder != (len(reader.points) == 2):
+        raise UserError(
+            "this dictionary is a transcoder: give the place it reconstructs with --target-layer or "
+            "--target-hook-module"
+            if sae.transcoder
+            else "--target-layer and --target-hook-module are for transcoders; this dictionary reconstructs its input"
+        )
     batches = _take(reader.batches(), reader, max_tokens)
     if not batches:
         raise UserError(f"the text files ({reader.files[0]}, ...) hold no tokens; give files with text in them")
-    name = reading.get("hook_module") or find_layer_module(reader, batches[0], reading["layer"])
-    module = reader.net.base_model.get_submodule(name)
+    names = [module_name(reader, batches[0], point) for point in reader.points]
+    module = reader.net.base_model.get_submodule(names[-1])  # the place replaced: the input's, or the target's
     sae.eval()
     bar = tqdm(total=2 * len(batches), unit="batch", desc="spliced eval", disable=not progress, file=sys.stderr)
-    rows = []  # per batch: the activations (n_kept, d) at the kept tokens
+    rows = []  # per batch and place: the activations (n_kept, d) at the kept tokens
     for batch in batches:
-        hidden = capture(
-            reader.net, batch.input_ids.to(reader.device), batch.attention_mask.to(reader.device), None, name
+        captured = capture(
+            reader.net,
+            batch.input_ids.to(reader.device),
+            batch.attention_mask.to(reader.device),
+            [Point(None, name) for name in names],
         )
-        rows.append(hidden[reader.kept(batch).to(hidden.device)].float())
+        rows.append([hidden[reader.kept(batch).to(hidden.device)].float() for hidden in captured])
         bar.update()
-    x = torch.cat(rows)
-    if len(x) == 0 or x.shape[1] != sae.n_inputs:
-        bar.close()
-        what = "no text tokens" if len(x) == 0 else f"vectors of {x.shape[1]}"
-        raise UserError(
-            f"module {name!r} of {model} gives {what}, but the dictionary takes {sae.n_inputs}; "
-            f"give the layer or module it was trained on"
-        )
-    metrics, density = evaluate_stream(sae, ArraySource(x.cpu()))
-    mean = x.double().mean(0).float()
+    places = [torch.cat(parts) for parts in zip(*rows)]  # the input's rows, and a transcoder's targets'
+    for name, rows_at, width, verb in zip(names, places, sae.widths, ("takes", "reconstructs")):
+        if len(rows_at) == 0 or rows_at.shape[1] != width:
+            bar.close()
+            what = "no text tokens" if len(rows_at) == 0 else f"vectors of {rows_at.shape[1]}"
+            raise UserError(
+                f"module {name!r} of {model} gives {what}, but the dictionary {verb} {width}; "
+                f"give the layer or module it was trained on"
+            )
+    sources = [ArraySource(rows_at.cpu()) for rows_at in places]
+    metrics, density = evaluate_stream(sae, sources[0] if len(sources) == 1 else PairedSource(*sources))
+    mean = places[-1].double().mean(0).float()
     totals = _Totals(causal)
-    for batch, x_batch in zip(batches, rows):
+    for batch, captured_rows in zip(batches, rows):
         keep = reader.kept(batch)
-        inputs = x_batch.to(sae.W1.device, sae.W1.dtype)
-        values = {"spliced": sae.decode(sae.encode(inputs)), "zero": torch.zeros_like(x_batch)}
-        values["mean_ablation"] = mean.expand_as(x_batch)
+        inputs = captured_rows[0].to(sae.W1.device, sae.W1.dtype)
+        replaced = captured_rows[-1]
+        values = {"spliced": sae.decode(sae.encode(inputs), inputs), "zero": torch.zeros_like(replaced)}
+        values["mean_ablation"] = mean.expand_as(replaced)
         clean = _run(reader, batch, module)
         others = {what: _run(reader, batch, module, _replacing(keep, values[what])) for what in REPLACEMENTS}
         totals.batch(clean, others, batch, reader.special_ids)
@@ -220,12 +245,13 @@ def spliced_eval(
         "model_folder": str(reader.folder),
         "head": "causal-lm" if causal else "none (pooled outputs)",
         "layer": reading.get("layer"),
-        "hook_module": name,
+        "hook_module": names[0],
+        **({"target_layer": reading.get("target_layer"), "target_hook_module": names[1]} if sae.transcoder else {}),
         "texts": [str(p) for p in reader.files],
         "context_length": reader.context_length,
         "keep_special": reader.keep_special,
         "drop_first": reader.drop_first,
         "n_windows": sum(len(b.input_ids) for b in batches),
-        "n_tokens_spliced": len(x),
+        "n_tokens_spliced": len(places[0]),
     }
     return {**head, **totals.result(), **metrics}, density

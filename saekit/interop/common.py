@@ -17,6 +17,7 @@ what a kind read. `saekit.interop` puts them together per format.
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -128,10 +129,19 @@ def float_dtype(tensor: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def encoder_bias(model: SparseAutoencoder, subtracts_b2: bool) -> torch.Tensor:
     """The encoder bias (n_hidden,) of a format whose encoder subtracts b2 (or never does) for model's z2."""
-    if subtracts_b2 == model.cfg.pre_bias:
+    if subtracts_b2 == model.subtracts_b2:
         return model.b1
     folded = model.W1 @ model.b2
     return model.b1 + folded if subtracts_b2 else model.b1 - folded
+
+
+def refuse_transcoder(model: SparseAutoencoder, library: str) -> None:
+    """A one-line refusal to write a transcoder in a library's format that has none."""
+    if model.transcoder:
+        raise UserError(
+            f"{library}'s format has no transcoders; export this one ({model.n_inputs} -> {model.n_outputs}, "
+            f"{model.kind} codes) with --format saelens (relu, jumprelu) or sparsify (topk, same widths)."
+        )
 
 
 def reading_kind(read: Callable[[type[SparseAutoencoder]], dict | None]) -> tuple[type[SparseAutoencoder], dict] | None:
@@ -143,25 +153,38 @@ def reading_kind(read: Callable[[type[SparseAutoencoder]], dict | None]) -> tupl
     return None
 
 
+class Transcoding(NamedTuple):
+    """What makes an imported dictionary a transcoder: the targets' width, and its skip connection's weights."""
+
+    n_outputs: int
+    W_skip: torch.Tensor | None  # (n_outputs, n_inputs), None without a skip connection
+
+
 def imported_model(
     cls: type[SparseAutoencoder],
     settings: dict,
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     pre_bias: bool,
     where,
+    transcoder: Transcoding | None = None,
 ) -> SparseAutoencoder:
-    """A linear-output model of kind cls with settings, holding weights (W1, b1, W2, b2) in W1's float dtype."""
+    """A linear-output model of kind cls with settings, holding weights (W1, b1, W2, b2) in W1's float dtype;
+    a transcoder where `transcoder` says so."""
     W1, b1, W2, b2 = weights
     n_hidden, n_inputs = W1.shape
     dtype = float_dtype(W1)
+    skip = transcoder is not None and transcoder.W_skip is not None
     try:
-        cfg = config(cls.Config.kind, n_hidden=n_hidden, output="linear", pre_bias=pre_bias, **settings)
+        cfg = config(cls.Config.kind, n_hidden=n_hidden, output="linear", pre_bias=pre_bias, skip=skip, **settings)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    model = build(cfg, n_inputs, dtype=dtype, seed=None)
+    n_outputs = None if transcoder is None else transcoder.n_outputs
+    model = build(cfg, n_inputs, n_outputs=n_outputs, dtype=dtype, seed=None)
     with torch.no_grad():
         for param, value in zip((model.W1, model.b1, model.W2, model.b2), weights):
             param.copy_(value.to(dtype))  # into saekit's layouts (W2: each atom one row in memory)
+        if model.W_skip is not None and transcoder is not None and transcoder.W_skip is not None:
+            model.W_skip.copy_(transcoder.W_skip.to(dtype))
     return model
 
 

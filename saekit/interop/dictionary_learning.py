@@ -57,6 +57,7 @@ from .common import (
     json_bytes,
     read_settings,
     reading_kind,
+    refuse_transcoder,
     require_files,
     write_files,
 )
@@ -129,6 +130,7 @@ def export_dictionary_learning(model: SparseAutoencoder, folder, overwrite: bool
 
     `info` goes into config.json's trainer entries: model_name as lm_name, hook_name as submodule_name.
     """
+    refuse_transcoder(model, "dictionary_learning")
     folder = Path(folder)
     check_output_folder(folder, (WEIGHTS_NAME, CFG_NAME), overwrite)
     state = dictionary_learning_state(model)

@@ -20,6 +20,12 @@ apply_b_dec_to_input = pre_bias. Each kind says how it maps (its `saelens_*` mem
     matryoshka  the same (how SAELens saves Matryoshka BatchTopK); TopK keeps "topk", which has no threshold
     sigmoid     none: refused, as is a sigmoid output (SAELens decodes linearly)
 
+Transcoders (saekit models built with n_outputs) are SAELens's transcoders, which add d_out and
+never subtract b_dec from the input: a relu transcoder is "transcoder", a jumprelu, batchtopk or
+matryoshka one "jumprelu_transcoder"; with a skip connection "skip_transcoder" and
+"jumprelu_skip_transcoder", whose W_skip (d_out, d_in) adds x W_skip^T to the output. SAELens has
+no TopK transcoder, so a topk one is refused (sparsify's format has it).
+
 SAELens's JumpReLU is relu(hidden_pre) * (hidden_pre > threshold), so a threshold below 0 acts
 as 0: that is what saekit's batchtopk does with its threshold, which is exported as it is, and
 what an imported negative threshold becomes. saekit's architecture is kept in
@@ -42,6 +48,7 @@ from .. import __version__
 from ..errors import UserError
 from ..kinds import KINDS, SparseAutoencoder
 from .common import (
+    Transcoding,
     check_names,
     check_tensors,
     cpu_tensors,
@@ -58,6 +65,13 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 # SAELens reads configs without this version as pre-6.0 ones and renames their fields; ours follow 6.0.
 FORMAT_VERSION = "6.0.0"
 COMMON_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# SAELens's transcoder architectures, by the architecture of the same codes in an SAE and whether they skip.
+TRANSCODERS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
 
 
 def saelens_config(model: SparseAutoencoder, **info) -> dict:
@@ -69,6 +83,14 @@ def saelens_config(model: SparseAutoencoder, **info) -> dict:
             f"equivalent: SAELens decodes linearly and has no sigmoid codes; only {exportable} "
             f"dictionaries with --output linear can be exported."
         )
+    architecture: str | None = model.saelens_architecture
+    if model.transcoder:
+        architecture = TRANSCODERS.get((str(architecture), model.W_skip is not None))
+        if architecture is None:
+            raise UserError(
+                f"SAELens has no transcoder of {model.kind} codes, only of relu and jumprelu codes (and of batchtopk "
+                f"and matryoshka ones through their threshold); export this one with --format sparsify."
+            )
     metadata = {
         "sae_lens_version": FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -78,14 +100,15 @@ def saelens_config(model: SparseAutoencoder, **info) -> dict:
     }
     return {
         "d_in": model.n_inputs,
+        **({"d_out": model.n_outputs} if model.transcoder else {}),
         "d_sae": model.n_hidden,
         "dtype": str(model.W1.dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": model.cfg.pre_bias,
+        "apply_b_dec_to_input": model.subtracts_b2,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
-        "architecture": model.saelens_architecture,
+        "architecture": architecture,
         **model.saelens_fields(),
     }
 
@@ -98,6 +121,7 @@ def saelens_tensors(model: SparseAutoencoder) -> dict[str, torch.Tensor]:
         "b_enc": model.b1,
         "W_dec": model.W2.t(),
         "b_dec": model.b2,
+        **({"W_skip": model.W_skip} if model.W_skip is not None else {}),
         **model.saelens_tensors(),
     }
     return cpu_tensors(tensors)
@@ -147,6 +171,11 @@ def import_saelens(folder) -> SparseAutoencoder:
     where = f"SAELens folder {folder}"
     cfg, tensors = read_saelens(folder)
     d_in, d_sae = positive_int(cfg.get("d_in"), "d_in", where), positive_int(cfg.get("d_sae"), "d_sae", where)
+    transcoding = {name: key for key, name in TRANSCODERS.items()}.get(str(cfg.get("architecture")))
+    d_out = d_in if transcoding is None else positive_int(cfg.get("d_out"), "d_out", where)
+    skip = transcoding is not None and transcoding[1]
+    if transcoding is not None:  # the kinds read the architecture of the same codes in an SAE
+        cfg = {**cfg, "architecture": transcoding[0], "apply_b_dec_to_input": False}
     if cfg.get("normalize_activations") not in (None, False, "none"):
         raise UserError(
             f"{where}: normalize_activations {cfg['normalize_activations']!r} rescales inputs in a way "
@@ -155,14 +184,19 @@ def import_saelens(folder) -> SparseAutoencoder:
     scale = tensors.pop("scaling_factor", None)  # old SAELens wrote ones here; anything else is a finetuned scale
     if scale is not None and not bool((scale == 1).all()):
         raise UserError(f"{where} has a finetuning scaling_factor that is not all ones; saekit cannot read it.")
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if skip:
+        shapes["W_skip"] = (d_out, d_in)
     others = {name: (d_sae,) for name in tensors if name not in shapes}
-    check_tensors(tensors, {**shapes, **others}, where, "d_in and d_sae")
+    check_tensors(
+        tensors, {**shapes, **others}, where, "d_in and d_sae" if transcoding is None else "d_in, d_out and d_sae"
+    )
     dtype = float_dtype(tensors["W_enc"])
     t = {name: x.to(dtype) for name, x in tensors.items()}
     cls, settings = _reading_kind(cfg, t, where)
     weights = (t["W_enc"].t(), t["b_enc"], t["W_dec"].t(), t["b_dec"])  # after the kind adjusted them
-    model = imported_model(cls, settings, weights, bool(cfg.get("apply_b_dec_to_input", True)), where)
-    check_names(tensors, {*COMMON_TENSORS, *model.saelens_tensors()}, where)
+    transcoder = None if transcoding is None else Transcoding(d_out, t.get("W_skip"))
+    model = imported_model(cls, settings, weights, bool(cfg.get("apply_b_dec_to_input", True)), where, transcoder)
+    check_names(tensors, {*COMMON_TENSORS, *shapes, *model.saelens_tensors()}, where)
     model.load_saelens_tensors(t)
     return model

@@ -13,11 +13,13 @@ That is the folder `SparseCoder.save_to_disk` writes and `SparseCoder.load_from_
 
 which is saekit's topk kind with W1 = encoder.weight, b1 = encoder.bias, W2 = W_dec^T, b2 = b_dec
 and pre_bias (a dictionary trained without it is written with b2 folded into encoder.bias). Each
-kind says how it maps (`sparsify_*` members); only topk has an equivalent. What sparsify's
-fields change beyond that is refused, naming the field: activation "groupmax", a linear skip
-connection (skip_connection, W_skip), a transcoder (transcode: it reconstructs another place of
-the model than it reads) and old versions' signed codes. multi_topk and normalize_decoder only
-change training: a Multi-TopK coder encodes with its k as any other.
+kind says how it maps (`sparsify_*` members); only topk has an equivalent. Transcoders are
+sparsify's `transcode: true` coders, which never subtract b_dec from the input and reconstruct
+another place of the same width d_in (a transcoder between widths that differ is refused); with
+`skip_connection: true`, W_skip (d_in, d_in) adds x W_skip^T to the output. What sparsify's
+fields change beyond that is refused, naming the field: activation "groupmax" and old versions'
+signed codes. multi_topk and normalize_decoder only change training: a Multi-TopK coder encodes
+with its k as any other.
 """
 
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from ..errors import UserError
 from ..kinds import KINDS, SparseAutoencoder
 from .common import (
+    Transcoding,
     check_names,
     check_tensors,
     cpu_tensors,
@@ -54,8 +57,6 @@ DEFAULTS = {
 }
 # Fields whose value saekit has no equivalent for: (the value saekit reads, why not another).
 ONLY = {
-    "skip_connection": (False, "a linear skip connection (W_skip), which saekit's dictionaries have not"),
-    "transcode": (False, "a transcoder, which reconstructs another place of the model than it reads"),
     "signed": (False, "signed codes (older sparsify), which saekit's TopK does not keep"),
 }
 UNIT_NORM = 1e-4  # decoder columns this close to norm 1 are written as normalize_decoder: true
@@ -74,6 +75,11 @@ def sparsify_config(model: SparseAutoencoder) -> dict:
             f"sparsify's sparse coders keep each example's k largest codes; only {exportable} dictionaries "
             f"with --output linear can be exported to it (--format saelens takes more kinds)."
         )
+    if model.transcoder and model.n_outputs != model.n_inputs:
+        raise UserError(
+            f"sparsify's transcoders reconstruct vectors as wide as their input, but this one maps {model.n_inputs} "
+            f"-> {model.n_outputs}; export it with --format saelens (relu and jumprelu codes)."
+        )
     with torch.no_grad():
         unit_norm = bool(((model.W2.norm(dim=0) - 1).abs() <= UNIT_NORM).all())
     return {
@@ -83,6 +89,8 @@ def sparsify_config(model: SparseAutoencoder) -> dict:
         "normalize_decoder": unit_norm,
         "num_latents": model.n_hidden,
         **model.sparsify_fields(),
+        "skip_connection": model.W_skip is not None,
+        "transcode": model.transcoder,
         "d_in": model.n_inputs,
     }
 
@@ -91,9 +99,10 @@ def sparsify_tensors(model: SparseAutoencoder) -> dict[str, torch.Tensor]:
     """The weights of `model` under sparsify's names and shapes (see the module docstring)."""
     tensors = {
         "encoder.weight": model.W1,
-        "encoder.bias": encoder_bias(model, subtracts_b2=True),
+        "encoder.bias": encoder_bias(model, subtracts_b2=not model.transcoder),
         "W_dec": model.W2.t(),
         "b_dec": model.b2,
+        **({"W_skip": model.W_skip} if model.W_skip is not None else {}),
     }
     return cpu_tensors(tensors)
 
@@ -154,9 +163,14 @@ def import_sparsify(folder) -> SparseAutoencoder:
             f"{', '.join(sorted({cls.sparsify_activation for cls in KINDS.values() if cls.sparsify_activation}))}."
         )
     where_weights = str(folder / WEIGHTS_NAME)
-    check_names(tensors, TENSORS, where_weights)
+    transcode, skip = cfg["transcode"] is True, cfg["skip_connection"] is True
+    if skip and not transcode:
+        raise UserError(f"{where}: skip_connection without transcode; saekit's skip connections belong to transcoders.")
     shapes = {"encoder.weight": (num_latents, d_in), "encoder.bias": (num_latents,), "W_dec": (num_latents, d_in)}
-    check_tensors(tensors, {**shapes, "b_dec": (d_in,)}, where_weights, "d_in and num_latents")
+    shapes.update({"b_dec": (d_in,), **({"W_skip": (d_in, d_in)} if skip else {})})
+    check_names(tensors, shapes, where_weights)
+    check_tensors(tensors, shapes, where_weights, "d_in and num_latents")
     cls, settings = found
     weights = (tensors["encoder.weight"], tensors["encoder.bias"], tensors["W_dec"].t(), tensors["b_dec"])
-    return imported_model(cls, settings, weights, pre_bias=True, where=where)
+    transcoder = Transcoding(d_in, tensors.get("W_skip")) if transcode else None
+    return imported_model(cls, settings, weights, pre_bias=not transcode, where=where, transcoder=transcoder)

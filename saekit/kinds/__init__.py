@@ -56,20 +56,30 @@ def config(kind: str = "sigmoid", **settings) -> ModelConfig:
         ) from None
 
 
-def build(cfg: ModelConfig, n_inputs: int, *, dtype=None, device="cpu", seed: int | None = 0) -> SparseAutoencoder:
-    """A new model of cfg's kind for inputs of width n_inputs, initialised from seed."""
+def build(
+    cfg: ModelConfig,
+    n_inputs: int,
+    *,
+    n_outputs: int | None = None,
+    dtype=None,
+    device="cpu",
+    seed: int | None = 0,
+) -> SparseAutoencoder:
+    """A new model of cfg's kind for inputs of width n_inputs, initialised from seed; with n_outputs,
+    a transcoder reconstructing targets of that width instead of its input."""
     import torch
 
-    return kind_class(cfg.kind)(cfg, n_inputs, dtype=dtype or torch.float64, device=device, seed=seed)
+    cls = kind_class(cfg.kind)
+    return cls(cfg, n_inputs, n_outputs=n_outputs, dtype=dtype or torch.float64, device=device, seed=seed)
 
 
 def from_architecture(arch: dict, *, dtype=None, device="cpu") -> SparseAutoencoder:
     """A model (initial weights) from what `SparseAutoencoder.architecture()` saved. Reads the
     architectures saekit 0.1 saved too, which named the kind "activation"."""
     settings = dict(arch)
-    n_inputs = settings.pop("n_inputs")
+    n_inputs, n_outputs = settings.pop("n_inputs"), settings.pop("n_outputs", None)
     kind = settings.pop("kind", None) or settings.pop("activation")
-    return build(config(kind, **settings), n_inputs, dtype=dtype, device=device, seed=None)
+    return build(config(kind, **settings), n_inputs, n_outputs=n_outputs, dtype=dtype, device=device, seed=None)
 
 
 __all__ = [

@@ -21,6 +21,12 @@ encoder stays one fused matrix product.
 W2 is stored as the transpose of a contiguous (n_hidden, n_inputs) tensor: each hidden unit's
 decoder column ("dictionary atom") is then one contiguous row in memory, which is what sparse
 decoding and column normalisation want, and its flat storage is exactly MATLAB's W2(:).
+
+Transcoders. Built with `n_outputs`, a model reads one place of a network (x, n_inputs wide) and
+reconstructs another (y, n_outputs wide: an MLP's output from its input): W2 is then (n_outputs,
+n_hidden) and b2 (n_outputs,), and b2 is never subtracted from x (it lives in y's space). With
+`skip`, a linear skip connection W_skip (n_outputs, n_inputs), zero at the start, adds x W_skip^T
+to the output (a skip-transcoder: the sparse codes need only explain what a linear map cannot).
 """
 
 import copy
@@ -55,9 +61,12 @@ class ModelConfig(Settings):
     output: Literal["sigmoid", "linear"] = "linear"
     """Output activation: 'sigmoid' (UFLDL; inputs must lie in [0, 1]) or 'linear'."""
     pre_bias: bool = False
-    """Subtract the decoder bias b2 from the input before encoding (modern dictionaries)."""
+    """Subtract the decoder bias b2 from the input before encoding (modern dictionaries; a transcoder never does,
+    its b2 lives in the output's space)."""
     tied_init: bool = False
-    """Start the decoder as the encoder's transpose, with unit-norm columns."""
+    """Start the decoder as the encoder's transpose, with unit-norm columns (a transcoder's: at 0)."""
+    skip: bool = False
+    """Transcoder: add a linear skip connection x W_skip^T from the input to the output (a skip-transcoder)."""
     weight_decay: float = 0.0
     """lambda: weight decay (lambda/2)(||W1||^2 + ||W2||^2); biases carry none."""
 
@@ -97,7 +106,7 @@ class LossTerms(NamedTuple):
 
 
 class Output(NamedTuple):
-    x_hat: torch.Tensor | None  # (batch, n_inputs) reconstruction; None from a closed form, which reuses its buffer
+    x_hat: torch.Tensor | None  # (batch, n_outputs) reconstruction; None from a closed form, which reuses its buffer
     codes: Codes  # the codes h
     terms: LossTerms
 
@@ -112,19 +121,28 @@ class SparseAutoencoder(nn.Module):
         cfg: ModelConfig,
         n_inputs: int,
         *,
+        n_outputs: int | None = None,
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
         seed: int | None = 0,
     ):
         super().__init__()
-        if n_inputs < 1:
-            raise UserError(f"n_inputs must be at least 1 (got {n_inputs}).")
+        if n_inputs < 1 or (n_outputs is not None and n_outputs < 1):
+            raise UserError(f"n_inputs and n_outputs must be at least 1 (got {n_inputs} and {n_outputs}).")
+        if cfg.skip and n_outputs is None:
+            raise UserError(
+                "--skip makes a skip-transcoder, which needs targets to reconstruct: give --target-key "
+                "(the targets of a harvest with --target-layer or --target-hook-module), or leave --skip out."
+            )
         self.cfg, self.n_inputs, self.n_hidden = cfg, n_inputs, cfg.n_hidden
+        self.transcoder = n_outputs is not None
+        self.n_outputs = n_inputs if n_outputs is None else n_outputs
         kw: dict[str, Any] = dict(dtype=dtype, device=device)
         self.W1 = nn.Parameter(torch.empty(cfg.n_hidden, n_inputs, **kw))
         self.b1 = nn.Parameter(torch.zeros(cfg.n_hidden, **kw))
-        self.W2 = nn.Parameter(torch.empty(cfg.n_hidden, n_inputs, **kw).t())
-        self.b2 = nn.Parameter(torch.zeros(n_inputs, **kw))
+        self.W2 = nn.Parameter(torch.empty(cfg.n_hidden, self.n_outputs, **kw).t())
+        self.b2 = nn.Parameter(torch.zeros(self.n_outputs, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(self.n_outputs, n_inputs, **kw)) if cfg.skip else None
         self.add_kind_modules(dtype=dtype, device=device)
         self.reset_parameters(seed)
 
@@ -136,23 +154,35 @@ class SparseAutoencoder(nn.Module):
         """UFLDL's initializeParameters: W ~ U(-r, r) with r = sqrt(6 / (n_in + n_hidden + 1)), b = 0.
 
         With tied_init the decoder starts as the encoder's transpose, with unit-norm columns
-        (the initialisation of TopK and JumpReLU dictionaries).
+        (the initialisation of TopK and JumpReLU dictionaries); a transcoder's decoder, which
+        cannot be a transpose, starts at 0 instead, as sparsify starts its transcoders: on MiniLM's
+        MLP (README, "Transcoders") that left 37% of the units silent where random unit columns
+        left 73%. W_skip starts at 0.
         """
         gen = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
         r = math.sqrt(6.0 / (self.n_inputs + self.n_hidden + 1))
         for W in (self.W1, self.W2):
             W.copy_((torch.rand(W.shape, generator=gen, dtype=torch.float64) * 2 - 1) * r)
-        if self.cfg.tied_init:
+        if self.cfg.tied_init and self.transcoder:
+            self.W2.zero_()
+        elif self.cfg.tied_init:
             self.W2.t().copy_(F.normalize(self.W1, dim=1))
             self.W1.copy_(self.W2.t())
         self.b1.zero_()
         self.b2.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     # --- what every kind computes the same way
 
     def encoder_bias(self) -> torch.Tensor:
         """b1, or b1 - W1 b2 when the decoder bias is subtracted before encoding."""
-        return self.b1 - self.W1 @ self.b2 if self.cfg.pre_bias else self.b1
+        return self.b1 - self.W1 @ self.b2 if self.subtracts_b2 else self.b1
+
+    @property
+    def subtracts_b2(self) -> bool:
+        """Whether the encoder sees x - b2: pre_bias, in an autoencoder (a transcoder's b2 is in y's space)."""
+        return self.cfg.pre_bias and not self.transcoder
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """z2 = (x - b2 if pre_bias) W1^T + b1: (batch, n_inputs) -> (batch, n_hidden), one fused matmul."""
@@ -166,11 +196,22 @@ class SparseAutoencoder(nn.Module):
         """The codes of x as a dense (batch, n_hidden) tensor: the learned features."""
         return self.dense_codes(self.encode(x))
 
-    def decode(self, h: Codes) -> torch.Tensor:
-        """x_hat = g(h W2^T + b2); SparseCodes decode at a cost proportional to k, not n_hidden."""
+    def decode(self, h: Codes, x: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat = g(h W2^T + b2 (+ x W_skip^T)) (batch, n_outputs); SparseCodes decode at a cost
+        proportional to k, not n_hidden. A skip-transcoder needs the input x (batch, n_inputs) too."""
+        offset = self.output_offset(x)
         if isinstance(h, SparseCodes):
-            return OUTPUTS[self.cfg.output](sparse_decode(h.values, h.indices, self.W2.t(), self.b2))
-        return OUTPUTS[self.cfg.output](torch.addmm(self.b2, h, self.W2.t()))
+            return OUTPUTS[self.cfg.output](sparse_decode(h.values, h.indices, self.W2.t()) + offset)
+        return OUTPUTS[self.cfg.output](torch.addmm(offset, h, self.W2.t()))
+
+    def output_offset(self, x: torch.Tensor | None) -> torch.Tensor:
+        """What the output adds to the decoded codes: b2 (n_outputs,), or for a skip-transcoder
+        b2 + x W_skip^T (batch, n_outputs)."""
+        if self.W_skip is None:
+            return self.b2
+        if x is None:
+            raise UserError("a skip-transcoder's output needs its input x besides the codes: decode(h, x).")
+        return torch.addmm(self.b2, x, self.W_skip.t())
 
     def forward(
         self, x: torch.Tensor, target: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
@@ -182,7 +223,7 @@ class SparseAutoencoder(nn.Module):
         """
         z2 = self.pre_activations(x)
         h = self.sparsify(z2)
-        x_hat = self.decode(self._sparse_view(h, z2))
+        x_hat = self.decode(self._sparse_view(h, z2), x)
         return self.output(x_hat, h, self.error(x_hat, x, target), self.penalty(h, z2))
 
     def _sparse_view(self, h: Codes, z2: torch.Tensor) -> Codes:
@@ -208,7 +249,12 @@ class SparseAutoencoder(nn.Module):
         return None
 
     def error(self, x_hat: torch.Tensor, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        """x_hat - y (batch, n_inputs), in the target's dtype (x_hat may be lower under autocast)."""
+        """x_hat - y (batch, n_outputs), in the target's dtype (x_hat may be lower under autocast)."""
+        if target is None and self.transcoder:
+            raise UserError(
+                "a transcoder reconstructs a target, not its input: call model(x, y), or decode(encode(x), x) "
+                "for its output alone"
+            )
         y = x if target is None else target
         return x_hat.to(y.dtype) - y
 
@@ -287,7 +333,12 @@ class SparseAutoencoder(nn.Module):
 
     def describe(self) -> str:
         """One line for the console: the shape and the kind's settings."""
-        return f"{self.n_inputs} -> {self.n_hidden} ({self.kind_summary()}) -> {self.n_inputs} ({self.cfg.output})"
+        skip = f", skip {self.n_inputs} -> {self.n_outputs}" if self.W_skip is not None else ""
+        what = "transcoder " if self.transcoder else ""
+        return (
+            f"{what}{self.n_inputs} -> {self.n_hidden} ({self.kind_summary()}) -> {self.n_outputs} "
+            f"({self.cfg.output}{skip})"
+        )
 
     def kind_summary(self) -> str:
         return self.cfg.kind
@@ -378,9 +429,16 @@ class SparseAutoencoder(nn.Module):
         W, G = self.W2.t(), self.W2.grad.t()
         G.sub_((G * W).sum(1, keepdim=True) * W)
 
+    @property
+    def widths(self) -> tuple[int, int | None]:
+        """(n_inputs, n_outputs), n_outputs None for an autoencoder: the widths of the data it takes."""
+        return self.n_inputs, self.n_outputs if self.transcoder else None
+
     def architecture(self) -> dict:
-        """What it takes to rebuild this model (saved beside its weights): n_inputs and the settings."""
-        return {"n_inputs": self.n_inputs, **self.cfg.to_dict()}
+        """What it takes to rebuild this model (saved beside its weights): n_inputs (and a transcoder's
+        n_outputs) and the settings."""
+        outputs = {"n_outputs": self.n_outputs} if self.transcoder else {}
+        return {"n_inputs": self.n_inputs, **outputs, **self.cfg.to_dict()}
 
     def extra_repr(self) -> str:
         return self.describe()

@@ -82,7 +82,7 @@ class Matryoshka(BatchTopK):
             h, aux = sparse_encode(x, self.W1, self.encoder_bias(), cfg.k, self.selection(), dead, cfg.aux_k)
         else:  # the inference threshold: dense codes
             h = self.sparsify(self.pre_activations(x))
-        x_hats = self.prefix_reconstructions(h)
+        x_hats = self.prefix_reconstructions(h, x)
         error = self.error(x_hats[-1], x, target)
         errors = (self.error(x_hat, x, target) for x_hat in x_hats[:-1])  # the smaller prefixes'
         inner = sum((0.5 * e.pow(2).sum() / e.shape[0] for e in errors), error.new_zeros(()))
@@ -90,8 +90,9 @@ class Matryoshka(BatchTopK):
             inner = inner + cfg.aux_coefficient * auxk_loss(error.detach(), aux, self.W2)
         return self.output(x_hats[-1], h, error, auxiliary=inner)
 
-    def prefix_reconstructions(self, h: Codes) -> torch.Tensor:
-        """(G, batch, n_inputs): x_hat_g from the codes of the first m_g units, for each prefix g."""
+    def prefix_reconstructions(self, h: Codes, x: torch.Tensor | None = None) -> torch.Tensor:
+        """(G, batch, n_outputs): x_hat_g from the codes of the first m_g units, for each prefix g (a
+        skip-transcoder's skip term, which needs the input x, is in every prefix's)."""
         widths = self.cfg.prefixes()
         atoms = self.W2.t()  # (n_hidden, n_inputs), one atom per row
         if isinstance(h, SparseCodes):
@@ -99,7 +100,8 @@ class Matryoshka(BatchTopK):
         else:
             bounds = [0, *widths]
             parts = torch.stack([h[:, a:b] @ atoms[a:b] for a, b in zip(bounds, bounds[1:])], 1)
-        return OUTPUTS[self.cfg.output](self.b2 + parts.cumsum(1)).transpose(0, 1)
+        offset = self.output_offset(x)  # (n_outputs,) or (batch, n_outputs)
+        return OUTPUTS[self.cfg.output](offset.unsqueeze(-2) + parts.cumsum(1)).transpose(0, 1)
 
     def kind_summary(self) -> str:
         return f"{super().kind_summary()}, prefixes {','.join(map(str, self.cfg.prefixes()))}"

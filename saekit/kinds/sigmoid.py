@@ -12,8 +12,9 @@ KL term uses a running estimate (`rho_momentum`, see `penalties.RunningRhoHat`):
 KL's slope at the running estimate times the gradient of the batch mean, and its reported value
 is KL at the running estimate.
 
-Fast path: with a sigmoid output, no pre_bias and a penalty of kl, l1 or none, the gradient is
-UFLDL's closed form (`saekit.kernels.classic`), about twice as fast as autograd.
+Fast path: an autoencoder (not a transcoder) with a sigmoid output, no pre_bias and a penalty of
+kl, l1 or none: the gradient is UFLDL's closed form (`saekit.kernels.classic`), about twice as
+fast as autograd.
 """
 
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class Sigmoid(SparseAutoencoder):
     def closed_form_gradients(self, x: torch.Tensor, target: torch.Tensor | None) -> Output | None:
         """UFLDL's closed form where it applies; the codes returned live in a reused buffer."""
         cfg = self.cfg
-        if cfg.output != "sigmoid" or cfg.pre_bias or cfg.penalty == "contractive":
+        if cfg.output != "sigmoid" or cfg.pre_bias or cfg.penalty == "contractive" or self.transcoder:
             return None
         params = (self.W1, self.b1, self.W2, self.b2)
         result, workspace = classic.cost_and_grad(

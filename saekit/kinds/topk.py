@@ -76,7 +76,7 @@ class TopK(SparseAutoencoder):
     ) -> Output:
         cfg = self.cfg
         h, aux = sparse_encode(x, self.W1, self.encoder_bias(), cfg.k, self.selection(), dead, cfg.aux_k)
-        x_hat = self.decode(h)
+        x_hat = self.decode(h, x)
         error = self.error(x_hat, x, target)
         auxiliary = None if aux is None else cfg.aux_coefficient * auxk_loss(error.detach(), aux, self.W2)
         return self.output(x_hat, h, error, auxiliary=auxiliary)
@@ -144,7 +144,7 @@ def whole_k(k, where: str) -> int:
 def auxk_loss(residual: torch.Tensor, aux: SparseCodes, W2: torch.Tensor) -> torch.Tensor:
     """AuxK: how well the dead units' codes rebuild the residual e = y - x_hat, normalised by e's variance.
 
-    residual is x_hat - y (batch, n_inputs), detached. The variance is the global batch's, so
+    residual is x_hat - y (batch, n_outputs), detached. The variance is the global batch's, so
     several processes compute the same loss as one.
     """
     e = -residual  # y - x_hat

@@ -340,9 +340,12 @@ class RunFolder:
         units = [p for p in folder.iterdir() if p.is_dir() and UNIT.fullmatch(p.name)] if folder.is_dir() else []
         return sorted(units, reverse=True)
 
-    def load_checkpoint(self, settings: dict, device: str = "cpu", at_most: int | None = None) -> Checkpoint | None:
+    def load_checkpoint(
+        self, settings: dict, device: str = "cpu", at_most: int | None = None, defaults: dict | None = None
+    ) -> Checkpoint | None:
         """The newest checkpoint (of a step up to at_most, if given) that is whole and matches `settings`;
-        None if the run has none yet.
+        None if the run has none yet. A setting the checkpoint predates (written by an older saekit)
+        matches where it is at its value in `defaults`, which is what that saekit did.
 
         Leftovers of killed writes are removed first. A damaged checkpoint is skipped for the one
         before (the result says which and why); settings that differ from the checkpoint's, or no
@@ -364,7 +367,8 @@ class RunFolder:
             except DamagedUnit as e:
                 skipped.append(str(e))
                 continue
-            _check_settings(unit, checkpoint.settings, settings)
+            predated = {k: v for k, v in (defaults or {}).items() if k in settings and k not in checkpoint.settings}
+            _check_settings(unit, {**checkpoint.settings, **predated}, settings)
             return checkpoint._replace(skipped=skipped)
         if skipped:
             raise UserError(f"no checkpoint of {self.path} can be read: {skipped[0]}; start the run again.")

@@ -19,6 +19,7 @@ Under torchrun, join the process group first (saekit.distributed): every process
 the first writes the folder.
 """
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from .. import distributed
 from ..classify import classify
 from ..classify.stacked import Layers, pretrain_stack
-from ..config import TrainConfig
+from ..config import PARTS, TrainConfig
 from ..data import Dataset, load_training_data
 from ..data.synthetic import dictionary_metrics
 from ..errors import Diverged, UserError
@@ -169,14 +170,31 @@ def _fixed_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.flat().items() if k not in RESUMABLE}
 
 
+def _defaults(cfg: TrainConfig) -> dict:
+    """Every setting's default value for cfg's kind."""
+    classes = [*PARTS.values(), type(cfg.model)]
+    fields = (f for cls in classes for f in dataclasses.fields(cls))
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
 def _start(folder: RunFolder, cfg: TrainConfig, data: Dataset, resumed: bool, at_most: int | None = None):
     """(model, trainer state, history) to train from: the newest sound checkpoint (of a step up to
     at_most), or the seed's start."""
-    checkpoint = folder.load_checkpoint(_fixed_settings(cfg), cfg.run.device, at_most) if resumed else None
+    checkpoint = None
+    if resumed:  # settings added since an older saekit wrote the checkpoint match at their defaults
+        checkpoint = folder.load_checkpoint(_fixed_settings(cfg), cfg.run.device, at_most, _defaults(cfg))
     if checkpoint is None:
         if resumed:
             _say(f"{folder} has no checkpoint yet: training from the start")
-        model = build(cfg.model, data.source.d, dtype=cfg.run.torch_dtype, device=cfg.run.device, seed=cfg.run.seed)
+        n_inputs, n_outputs = data.widths
+        model = build(
+            cfg.model,
+            n_inputs,
+            n_outputs=n_outputs,
+            dtype=cfg.run.torch_dtype,
+            device=cfg.run.device,
+            seed=cfg.run.seed,
+        )
         if distributed.is_main():
             folder.save_model(model, INITIAL)
             folder.save_history([])
@@ -341,7 +359,11 @@ def _finish(
     metrics.update(_stages(folder, cfg, data, model, progress))
     folder.write_json(METRICS, metrics)
     initial = folder.load_model(INITIAL, cfg.run.device)
-    x = data.x if data.x is not None else data.source.read(0, min(data.source.n, 100)).to(model.W1.dtype)
+    x = (
+        data.x
+        if data.x is not None
+        else data.source.split(data.source.read(0, min(data.source.n, 100)))[0].to(model.W1.dtype)
+    )
     corruption = cfg.data.corruption_fn()
     corrupt = None
     if corruption is not None:

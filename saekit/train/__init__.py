@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 
 from ..data import Corruption, Dataset
-from ..data.vectors import VectorStream, open_vectors
+from ..data.vectors import PairedSource, VectorStream, open_vectors
+from ..errors import UserError
 from .config import AUTOCAST, OptimConfig
 from .lbfgs import Evaluated, FullBatch, autoencoder_objective, train_lbfgs
 from .memory import Estimate, check_fits, estimate
@@ -50,16 +51,24 @@ def fit(
     optim: OptimConfig,
     *,
     corruption: Corruption | None = None,
+    target: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> FitResult:
     """Train the model on x (m, n_inputs) in place, as optim says.
 
-    A denoising autoencoder (corruption) reconstructs the clean x from a corrupted copy. With
+    A denoising autoencoder (corruption) reconstructs the clean x from a corrupted copy; a
+    transcoder (a model built with n_outputs) reconstructs target (m, n_outputs) from x. With
     optim.scale_inputs the model trains on scaled inputs, and the scale is folded into its weights
     at the end, so it takes raw x.
     """
-    source = open_vectors(x)
+    if (target is not None) != model.transcoder:
+        raise UserError(
+            "a transcoder (a model built with n_outputs) trains on x and its target; an autoencoder on x alone"
+        )
+    if target is not None and optim.full_batch:
+        raise UserError("transcoders train with minibatches: use optimizer 'adam' (or 'sgd'), not L-BFGS")
+    source = open_vectors(x) if target is None else PairedSource(open_vectors(x), open_vectors(target))
     data = Dataset(x, None, None, f"{source.n} rows", source)
     trainer = trainer_for(model, data, optim, seed=seed, corruption=corruption)
     history, interrupted = trainer.run(progress)

@@ -23,7 +23,7 @@ import torch
 
 from .. import distributed
 from ..data import Corruption
-from ..data.vectors import VectorStream, geometric_median, mean_and_mean_squared_norm
+from ..data.vectors import VectorStream, geometric_median, mean_and_mean_squared_norm, open_vectors
 from ..errors import Diverged
 from ..kernels.sparse import SparseCodes
 from ..kinds import SparseAutoencoder
@@ -73,6 +73,7 @@ class Minibatch:
         stream: VectorStream | None = None,
     ):
         self.model, self.optim, self.seed, self.corruption = model, optim, seed, corruption
+        self.source = open_vectors(source)  # splits a transcoder's batches into inputs and targets
         self.history = [] if history is None else history  # rows of history.csv; run() appends
         params = list(model.parameters())
         self.optimizer = make_optimizer(params, optim)
@@ -90,16 +91,18 @@ class Minibatch:
 
     @torch.no_grad()
     def _initialise(self, source) -> None:
-        """Input scale and decoder bias from the data, before the first step."""
+        """Input scale and decoder bias from the data, before the first step. A transcoder's inputs and
+        targets share one scale (from both), so it folds into the weights as an autoencoder's does; its
+        decoder bias starts at the targets' center."""
         optim, model = self.optim, self.model
         if optim.scale_inputs:
             _, mean_squared_norm = mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)
             self.scale = float(mean_squared_norm) ** -0.5
         if optim.decoder_bias_init != "zeros":
             center = (
-                geometric_median(source, seed=self.seed)
+                geometric_median(self.source.targets(), seed=self.seed)
                 if optim.decoder_bias_init == "geometric-median"
-                else mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)[0]
+                else mean_and_mean_squared_norm(self.source.targets(), max_rows=STATISTICS_ROWS)[0]
             )
             model.b2.copy_(torch.as_tensor(center) * self.scale)
 
@@ -228,10 +231,10 @@ class Minibatch:
         self.started = self.window_started = time.perf_counter()
 
     def train_on(self, batch: torch.Tensor, on_row: Callable[[dict], None] | None = None) -> dict | None:
-        """One step on this process's batch (batch, n_inputs) of the stream; the new history row, if one is due."""
+        """One step on this process's batch (batch, n_inputs) of the stream (a transcoder's: (batch, n_inputs +
+        n_outputs)); the new history row, if one is due."""
         world = distributed.world_size()
-        y = batch.to(self.model.W1.device) * self.scale
-        x_in = y
+        x_in, y = self.source.split(batch.to(self.model.W1.device) * self.scale)
         if self.corruption is not None:
             # The corruption of the whole global batch is drawn from (seed, step), and each
             # process takes its rows: N processes corrupt exactly as one does.
@@ -265,7 +268,7 @@ class Minibatch:
             "sparsity": sparsity / n,
             "aux": aux / n,
             "weight_decay": decay / n,
-            "mse": squared_error / (n * self.model.n_inputs) / self.scale**2,
+            "mse": squared_error / (n * self.model.n_outputs) / self.scale**2,
             "fvu": squared_error / max(variance, 1e-30),
             "l0": active / n,
             "dead_fraction": float(self.dead().double().mean()),

@@ -419,6 +419,8 @@ def browse(
         "model": manifest.get("model"),
         "layer": manifest.get("layer"),
         "hook_module": manifest.get("hook_module"),
+        "target_layer": manifest.get("target_layer") if sae.transcoder else None,
+        "target_hook_module": manifest.get("target_hook_module") if sae.transcoder else None,
         "logit_model": model,
         "n_features": sae.n_hidden,
         "n_rows": n_rows,
