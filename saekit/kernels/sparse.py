@@ -120,10 +120,7 @@ class _SparseEncode(torch.autograd.Function):
         values = values.relu()
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
         if dead is not None and aux_k > 0:
-            n_dead = int(dead.sum())
-            if n_dead > 0:
-                aux_values, aux_indices = row_topk(z2.masked_fill_(~dead, -torch.inf), min(aux_k, n_dead))
-                aux_values = aux_values.relu()
+            aux_values, aux_indices = _dead_topk(z2, dead, aux_k)
         ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
@@ -136,6 +133,18 @@ class _SparseEncode(torch.autograd.Function):
         # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: a k-sparse decoding (needed only for attribution).
         grad_x = _gather_sum(indices, g, W1) if ctx.needs_input_grad[0] else None
         return grad_x, grad_W1.to(W1.dtype), grad_bias.to(W1.dtype), None, None, None, None
+
+
+def _dead_topk(z2: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices), (batch, min(aux_k, n_dead)): each row's aux_k largest pre-activations of the dead
+    units (relu'd), for AuxK. Only the dead units' columns are read: where there are no more of them than
+    aux_k, every one is taken and nothing is selected."""
+    dead_units = dead.nonzero().squeeze(1)  # (n_dead,)
+    among = z2.index_select(1, dead_units)  # (batch, n_dead)
+    if len(dead_units) <= aux_k:
+        return among.relu_(), dead_units.expand(z2.shape[0], -1).contiguous()
+    values, picked = row_topk(among, aux_k)
+    return values.relu_(), dead_units[picked]
 
 
 def _gather_sum(indices: torch.Tensor, values: torch.Tensor, W_rows: torch.Tensor) -> torch.Tensor:
