@@ -212,6 +212,10 @@ _TOPK_RECIPE = (
     "after 32 * width / k examples (README, 'The default recipe'), and the k largest selected by saekit's own "
     "kernel, which breaks ties between equal bfloat16 values differently from torch.topk (0.3.0)"
 )
+_THRESHOLD = (
+    "BatchTopK's inference threshold follows about the last 10 steps' batch thresholds (momentum 0.9, not "
+    "0.99, which lagged far behind them in short runs: saekit/kinds/batchtopk.py) (0.4.0)"
+)
 RERECORDED = {
     **dict.fromkeys(
         (
@@ -226,7 +230,9 @@ RERECORDED = {
         ),
         _PHOTOGRAPHS,
     ),
-    **dict.fromkeys(("topk", "batchtopk", "topk-autocast-bf16"), _TOPK_RECIPE),
+    **dict.fromkeys(("topk", "topk-autocast-bf16"), _TOPK_RECIPE),
+    "batchtopk": _TOPK_RECIPE + "; and " + _THRESHOLD,
+    "batchtopk-sgd-zeros-bias": _THRESHOLD,
 }
 
 

@@ -87,9 +87,14 @@ def saelens_config(model: SparseAutoencoder, **info) -> dict:
     if model.transcoder:
         architecture = TRANSCODERS.get((str(architecture), model.W_skip is not None))
         if architecture is None:
+            elsewhere = (
+                "export this one with --format sparsify"
+                if model.n_outputs == model.n_inputs
+                else "sparsify's transcoders keep one width, so train it as a relu or jumprelu transcoder to export it"
+            )
             raise UserError(
                 f"SAELens has no transcoder of {model.kind} codes, only of relu and jumprelu codes (and of batchtopk "
-                f"and matryoshka ones through their threshold); export this one with --format sparsify."
+                f"and matryoshka ones through their threshold); {elsewhere}."
             )
     metadata = {
         "sae_lens_version": FORMAT_VERSION,

@@ -18,6 +18,8 @@ from ..kernels.sparse import SparseCodes, sorted_row_topk
 from .base import Output, SparseAutoencoder
 from .topk import TopK, TopKConfig
 
+THRESHOLD_MOMENTUM = 0.9  # the inference threshold's running mean over steps (see the module docstring)
+
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
@@ -90,7 +92,7 @@ class BatchSelection(nn.Module):
     process's candidates, so 2 processes select exactly what 1 process would on their union.
     """
 
-    def __init__(self, k: int, momentum: float = 0.99, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, k: int, momentum: float = THRESHOLD_MOMENTUM, dtype: torch.dtype = torch.float32, device="cpu"):
         super().__init__()
         self.k, self.momentum = k, momentum
         self.threshold: torch.Tensor
