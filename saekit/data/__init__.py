@@ -229,15 +229,14 @@ def _synthetic(cfg: DataConfig, dtype, device, seed: int) -> Dataset:
     return _to_dataset(sample.x, None, None, description, cfg.data, dtype, device, truth)
 
 
-def open_pairs(
-    data, data_key: str | None = None, target_data: str | None = None, target_key: str | None = None
-) -> VectorSource:
+def open_pairs(data, data_key: str | None = None, target_data=None, target_key: str | None = None) -> VectorSource:
     """The vectors of data; with target_data or target_key, paired with the targets a transcoder
-    reconstructs (target_key in target_data, or in data's own files)."""
+    reconstructs (target_key in target_data, or in data's own files). data and target_data are what
+    open_vectors takes: paths, arrays or tensors."""
     source = open_vectors(data, data_key)
     if target_data is None and target_key is None:
         return source
-    return PairedSource(source, open_vectors(target_data or data, target_key))
+    return PairedSource(source, open_vectors(data if target_data is None else target_data, target_key))
 
 
 def load_test_data(cfg: DataConfig, dtype: torch.dtype = torch.float64, device="cpu") -> Dataset:

@@ -173,9 +173,11 @@ def imported_model(
     W1, b1, W2, b2 = weights
     n_hidden, n_inputs = W1.shape
     dtype = float_dtype(W1)
-    skip = transcoder is not None and transcoder.W_skip is not None
+    W_skip = None if transcoder is None else transcoder.W_skip
     try:
-        cfg = config(cls.Config.kind, n_hidden=n_hidden, output="linear", pre_bias=pre_bias, skip=skip, **settings)
+        cfg = config(
+            cls.Config.kind, n_hidden=n_hidden, output="linear", pre_bias=pre_bias, skip=W_skip is not None, **settings
+        )
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     n_outputs = None if transcoder is None else transcoder.n_outputs
@@ -183,8 +185,8 @@ def imported_model(
     with torch.no_grad():
         for param, value in zip((model.W1, model.b1, model.W2, model.b2), weights):
             param.copy_(value.to(dtype))  # into saekit's layouts (W2: each atom one row in memory)
-        if model.W_skip is not None and transcoder is not None and transcoder.W_skip is not None:
-            model.W_skip.copy_(transcoder.W_skip.to(dtype))
+        if model.W_skip is not None and W_skip is not None:  # the one exists where the other does
+            model.W_skip.copy_(W_skip.to(dtype))
     return model
 
 

@@ -94,7 +94,7 @@ class Matryoshka(BatchTopK):
         """(G, batch, n_outputs): x_hat_g from the codes of the first m_g units, for each prefix g (a
         skip-transcoder's skip term, which needs the input x, is in every prefix's)."""
         widths = self.cfg.prefixes()
-        atoms = self.W2.t()  # (n_hidden, n_inputs), one atom per row
+        atoms = self.W2.t()  # (n_hidden, n_outputs), one atom per row
         if isinstance(h, SparseCodes):
             parts = _group_sums(h, atoms, widths)
         else:

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..data import Corruption, Dataset
-from ..data.vectors import PairedSource, VectorStream, open_vectors
+from ..data import Corruption, Dataset, open_pairs
+from ..data.vectors import VectorStream
 from ..errors import UserError
 from .config import AUTOCAST, OptimConfig
 from .lbfgs import Evaluated, FullBatch, autoencoder_objective, train_lbfgs
@@ -68,7 +68,7 @@ def fit(
         )
     if target is not None and optim.full_batch:
         raise UserError("transcoders train with minibatches: use optimizer 'adam' (or 'sgd'), not L-BFGS")
-    source = open_vectors(x) if target is None else PairedSource(open_vectors(x), open_vectors(target))
+    source = open_pairs(x, target_data=target)
     data = Dataset(x, None, None, f"{source.n} rows", source)
     trainer = trainer_for(model, data, optim, seed=seed, corruption=corruption)
     history, interrupted = trainer.run(progress)

@@ -77,7 +77,7 @@ class Minibatch:
         self.history = [] if history is None else history  # rows of history.csv; run() appends
         params = list(model.parameters())
         self.optimizer = make_optimizer(params, optim)
-        self.stream = stream or make_stream(source, optim, seed, model.W1.dtype)
+        self.stream = stream or make_stream(self.source, optim, seed, model.W1.dtype)
         self.total_steps = optim.steps or optim.epochs * self.stream.steps_per_epoch
         self.since_fired = torch.zeros(model.n_hidden, dtype=torch.int64)  # examples since each unit last fired
         self.step, self.scale = 0, 1.0
@@ -85,18 +85,18 @@ class Minibatch:
         self.window = torch.zeros(len(SUMS), dtype=torch.float64)  # SUMS since the last history row
         self.window_examples = 0
         if state is None:
-            self._initialise(source)
+            self._initialise()
         else:
             self.load_state_dict(state)
 
     @torch.no_grad()
-    def _initialise(self, source) -> None:
+    def _initialise(self) -> None:
         """Input scale and decoder bias from the data, before the first step. A transcoder's inputs and
         targets share one scale (from both), so it folds into the weights as an autoencoder's does; its
         decoder bias starts at the targets' center."""
         optim, model = self.optim, self.model
         if optim.scale_inputs:
-            _, mean_squared_norm = mean_and_mean_squared_norm(source, max_rows=STATISTICS_ROWS)
+            _, mean_squared_norm = mean_and_mean_squared_norm(self.source, max_rows=STATISTICS_ROWS)
             self.scale = float(mean_squared_norm) ** -0.5
         if optim.decoder_bias_init != "zeros":
             center = (
