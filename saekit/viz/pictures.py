@@ -356,7 +356,7 @@ def line_chart(series: dict, title="", xlabel="", ylabel="", log_y=False, width=
         ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which="major", color="0.9")
-    figure.legend(loc="outside lower center", ncols=min(len(series), 5))  # off the curves, whatever the data
+    figure.legend(loc="outside lower center", ncols=min(len(series), 3))  # off the curves, whatever the data
     return _pixels(figure)
 
 

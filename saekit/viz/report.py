@@ -90,9 +90,10 @@ def write_pictures(
             )
     if history:
         steps = [row["step"] for row in history]  # minibatch runs log every cfg.log_every steps
-        series = {
+        series = {  # the terms a trainer logs: minibatch rows have the AuxK term too, L-BFGS rows do not
             k: np.array([steps, [row[k] for row in history]], dtype=np.float64)
-            for k in ("cost", "reconstruction", "sparsity", "weight_decay")
+            for k in ("cost", "reconstruction", "sparsity", "aux", "weight_decay")
+            if k in history[0]
         }
         chart = line_chart(series, title="Cost J and its terms", xlabel="step", ylabel="value (log scale)", log_y=True)
         written.append(save_png(chart, run_dir / "cost.png"))
