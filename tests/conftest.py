@@ -17,8 +17,11 @@ import torch
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """Put Ctrl-C and SIGTERM back after each test: an interrupted CLI run ignores them from then on
-    (saekit.cli._report, right for a process about to exit), which would leak into later tests."""
+    (saekit.cli._report, right for a process about to exit), which would leak into later tests. Each
+    test starts with Python's own Ctrl-C handler, as a program run from a terminal does, even where
+    pytest itself was started with SIGINT ignored (a shell's background job)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)

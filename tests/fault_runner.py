@@ -52,6 +52,7 @@ if __name__ == "__main__":
     action, function, n, separator, *argv = sys.argv[1:]
     assert separator == "--", __doc__
     calls = inject(action, function, int(n))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even if the test runner ignores it
     from saekit.cli import main
 
     code = main(argv)
