@@ -69,12 +69,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenation of every process's 1-D tensor t (all of the same length)."""
+    """Concatenation of every process's 1-D tensor t, in rank order (their lengths may differ)."""
     if not is_distributed():
         return t
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    length = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    lengths = [torch.empty_like(length) for _ in range(world_size())]
+    dist.all_gather(lengths, length)
+    padded = t.new_zeros(int(max(lengths))).index_copy_(0, torch.arange(t.numel(), device=t.device), t)
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
 
 
 def max_int(value: int) -> int:

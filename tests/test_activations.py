@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_model, with_random_biases
 
+from saekit.kernels import sparse_cpu
 from saekit.kernels.sparse import sparse_encode
 from saekit.kinds.batchtopk import BatchSelection
 from saekit.kinds.jumprelu import Threshold
@@ -175,25 +176,54 @@ def _kept(values, indices):
     return _dense(values, indices, 64) != 0
 
 
+def _check_ragged(codes, kept):
+    """Row b's kept codes are its first lengths[b] entries; the rest is padding (value 0, index 0)."""
+    assert torch.equal(codes.lengths, kept.sum(1))
+    assert codes.values.shape[1] == int(kept.sum(1).max())  # padded to the widest row only
+    beyond = torch.arange(codes.values.shape[1]) >= codes.lengths[:, None]
+    assert (codes.values[beyond] == 0).all() and (codes.indices[beyond] == 0).all()
+    assert (codes.values[~beyond] > 0).all()
+
+
 def test_batch_topk_keeps_exactly_k_times_batch_largest_codes():
     z2 = _distinct_scores(10, 64)
-    values, indices = BatchSelection(3).train()(z2)
-    kept = _kept(values, indices)
+    codes = BatchSelection(3).train()(z2)
+    kept = _kept(codes.values, codes.indices)
     assert int(kept.sum()) == 3 * 10
     assert z2[kept].min() > z2[~kept].max()  # every kept value >= every dropped one
-    assert torch.equal(_dense(values, indices), z2 * kept)
-    assert values.shape[1] == int(kept.sum(1).max())  # padded to the widest row only
+    assert torch.equal(_dense(codes.values, codes.indices), z2 * kept)
+    _check_ragged(codes, kept)
 
 
-def test_batch_topk_widens_when_one_row_holds_more_than_4k_of_the_top_values():
-    k, batch = 2, 8  # budget 16, first candidate width 4k = 8
+def test_batch_topk_keeps_a_row_that_holds_most_of_the_budget():
+    k, batch = 2, 8  # budget 16
     z2 = -_distinct_scores(batch, 64).abs() - 1  # all negative...
     z2[0, :12] = torch.arange(12, dtype=torch.float64) + 100  # ...but row 0 holds 12 of the top 16
     z2[1:5, 0] = torch.tensor([50.0, 51, 52, 53])  # and 4 rows hold one each
-    values, indices = BatchSelection(k).train()(z2)
-    kept = _kept(values, indices)
+    codes = BatchSelection(k).train()(z2)
+    kept = _kept(codes.values, codes.indices)
     assert kept.sum(1).tolist() == [12, 1, 1, 1, 1, 0, 0, 0]
-    assert kept[0, :12].all() and torch.equal(_dense(values, indices), z2 * kept)
+    assert kept[0, :12].all() and torch.equal(_dense(codes.values, codes.indices), z2 * kept)
+    _check_ragged(codes, kept)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_batch_topk_is_exact_where_its_sample_of_the_batch_misleads_it(numba, monkeypatch):
+    """The candidates' bound is read from a sample of every 4th entry here: make the sampled entries the
+    largest, so that the first bound admits too few entries; the selection must still be the exact top."""
+    if not numba:
+        monkeypatch.setattr(sparse_cpu, "nb", None)
+    batch, n_hidden, k = 512, 2048, 4  # 2^20 entries: the sample takes every 4th
+    z2 = _distinct_scores(batch, n_hidden, seed=5)
+    flat = z2.view(-1)
+    flat[::4] += float(flat.abs().max()) * 3  # the sampled entries dwarf the rest
+    flat[1::4][:100] += float(flat.abs().max()) * 3  # and 100 unsampled ones belong to the top
+    codes = BatchSelection(k).train()(z2)
+    kept = _dense(codes.values, codes.indices, n_hidden) != 0
+    expected = torch.zeros(batch * n_hidden, dtype=torch.bool)
+    expected[flat.topk(k * batch).indices] = True
+    assert torch.equal(kept.view(-1), expected)
+    _check_ragged(codes, kept)
 
 
 def test_batch_topk_widening_through_the_model_matches_dense_autograd():
@@ -215,8 +245,8 @@ def test_batch_topk_widening_through_the_model_matches_dense_autograd():
 
 def test_batch_topk_drops_non_positive_codes_even_within_budget():
     z2 = torch.tensor([[3.0, -1.0, -2.0, -3.0], [-0.5, 0.0, -4.0, 2.0]], dtype=torch.float64)
-    values, indices = BatchSelection(2).train()(z2)  # budget 4, but only 2 positive values
-    assert torch.equal(_dense(values, indices, 4), z2.relu())
+    codes = BatchSelection(2).train()(z2)  # budget 4, but only 2 positive values
+    assert torch.equal(_dense(codes.values, codes.indices, 4), z2.relu())
 
 
 def test_batch_topk_threshold_is_a_running_mean_of_the_smallest_kept_value_and_used_in_eval():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import make_model
 
 from saekit.kernels import sparse_cpu
-from saekit.kernels.sparse import row_support, row_topk, unit_sums
+from saekit.kernels.sparse import at_least, row_support, row_topk, unit_sums
 
 pytestmark = pytest.mark.skipif(sparse_cpu.nb is None, reason="Numba is not installed")
 
@@ -56,9 +56,20 @@ def test_gather_dot_and_gather_sum_against_torch(dtype):
     _, W, rows, idx, w = _case(dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(
-        sparse_cpu.gather_dot(idx, W, rows), (W[idx] * rows[:, None, :]).sum(-1), rtol=tol, atol=tol
+        sparse_cpu.gather_dot(idx, W, rows, None), (W[idx] * rows[:, None, :]).sum(-1), rtol=tol, atol=tol
     )
-    torch.testing.assert_close(sparse_cpu.gather_sum(idx, w, W), (w[:, :, None] * W[idx]).sum(1), rtol=tol, atol=tol)
+    lengths = torch.randint(0, idx.shape[1] + 1, (idx.shape[0],), generator=torch.Generator().manual_seed(3))
+    padding = torch.arange(idx.shape[1]) >= lengths[:, None]
+    torch.testing.assert_close(
+        sparse_cpu.gather_dot(idx, W, rows, lengths),
+        (W[idx] * rows[:, None, :]).sum(-1).masked_fill(padding, 0),
+        rtol=tol,
+        atol=tol,
+    )
+    decoded = (w[:, :, None] * W[idx]).sum(1)
+    torch.testing.assert_close(sparse_cpu.gather_sum(idx, w, W, None), decoded, rtol=tol, atol=tol)
+    decoded_to_lengths = (w.masked_fill(padding, 0)[:, :, None] * W[idx]).sum(1)
+    torch.testing.assert_close(sparse_cpu.gather_sum(idx, w, W, lengths), decoded_to_lengths, rtol=tol, atol=tol)
 
 
 def test_row_support_lists_every_true_column_and_pads_with_false_ones():
@@ -74,12 +85,23 @@ def test_row_support_lists_every_true_column_and_pads_with_false_ones():
 
 def test_the_dispatchers_give_what_torch_gives_without_numba(monkeypatch):
     z, W, rows, idx, w = _case(torch.float32)
-    fast = (row_topk(z, 5), unit_sums(idx, w, rows, W.shape[0]))
+    low = float(z.quantile(0.9))
+    fast = (row_topk(z, 5), unit_sums(idx, w, rows, W.shape[0]), at_least(z, low))
     monkeypatch.setattr(sparse_cpu, "nb", None)
-    slow = (row_topk(z, 5), unit_sums(idx, w, rows, W.shape[0]))
+    slow = (row_topk(z, 5), unit_sums(idx, w, rows, W.shape[0]), at_least(z, low))
     assert torch.equal(fast[0][0].sort(1).values, slow[0][0].sort(1).values)
     torch.testing.assert_close(fast[1][0], slow[1][0])
     torch.testing.assert_close(fast[1][1], slow[1][1])
+    for mine, theirs in zip(fast[2], slow[2]):
+        assert torch.equal(mine, theirs)
+
+
+def test_at_least_lists_each_rows_entries_at_or_above_the_bound_in_column_order():
+    z = torch.tensor([[0.5, 2.0, 1.0, 3.0], [0.0, 0.2, 0.1, 0.3], [1.0, 1.0, 9.0, -1.0]])
+    counts, values, columns = at_least(z, 1.0)
+    assert counts.tolist() == [3, 0, 3]
+    assert values.tolist() == [2.0, 1.0, 3.0, 1.0, 1.0, 9.0]
+    assert columns.tolist() == [1, 2, 3, 0, 1, 2]
 
 
 def test_sparse_decoding_of_the_torch_fallback_matches_embedding_bag(monkeypatch):
@@ -96,6 +118,29 @@ def test_sparse_decoding_of_the_torch_fallback_matches_embedding_bag(monkeypatch
         (F.embedding_bag(idx, ref_atoms, per_sample_weights=ref_values, mode="sum") * rows).sum().backward()
         torch.testing.assert_close(values.grad, ref_values.grad)
         torch.testing.assert_close(atoms.grad, ref_atoms.grad)
+
+
+def test_padding_beyond_a_rows_length_decodes_to_nothing_and_gets_no_gradient(monkeypatch):
+    from saekit.kernels.sparse import sparse_decode
+
+    _, W, rows, idx, w = _case(torch.float64)
+    lengths = torch.randint(0, idx.shape[1] + 1, (idx.shape[0],), generator=torch.Generator().manual_seed(4))
+    padding = torch.arange(idx.shape[1]) >= lengths[:, None]
+    w = w.masked_fill(padding, 0)  # padding holds value 0
+    for numba in (True, False):
+        if not numba:
+            monkeypatch.setattr(sparse_cpu, "nb", None)
+        values, atoms = w.clone().requires_grad_(), W.clone().requires_grad_()
+        (sparse_decode(values, idx, atoms, lengths=lengths) * rows).sum().backward()
+        # the reference: each row's first lengths[b] codes alone, one row at a time
+        ref_values, ref_atoms = w.clone().requires_grad_(), W.clone().requires_grad_()
+        total = sum(
+            (ref_values[b, : lengths[b]] @ ref_atoms[idx[b, : lengths[b]]] * rows[b]).sum() for b in range(len(rows))
+        )
+        total.backward()
+        torch.testing.assert_close(values.grad, ref_values.grad)
+        torch.testing.assert_close(atoms.grad, ref_atoms.grad)
+        assert (values.grad[padding] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -67,11 +67,25 @@ def row_support(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask.to(torch.float32).topk(width, dim=1, sorted=False).indices
 
 
-def sorted_row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """row_topk with each row's k values in descending order."""
-    values, indices = row_topk(z, k)
-    values, order = values.sort(dim=1, descending=True)
-    return values, indices.gather(1, order)
+def at_least(z: torch.Tensor, low: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts (batch,), values (nnz,), columns (nnz,) int64): the entries of z (batch, n) at or above low,
+    row after row, in column order within a row; counts[b] of them in row b."""
+    if sparse_cpu.available(z):
+        return sparse_cpu.at_least(z, low)
+    mask = z >= low
+    return mask.sum(1), z[mask], mask.nonzero()[:, 1]
+
+
+def ragged_codes(counts: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, width: int) -> "SparseCodes":
+    """SparseCodes (batch, width) with lengths: row b's counts[b] codes (values, columns: row after row, as
+    `at_least` lists them) first, then padding of value 0 and index 0. width >= counts.max()."""
+    batch = len(counts)
+    rows = torch.repeat_interleave(torch.arange(batch, device=counts.device), counts)
+    starts = counts.cumsum(0) - counts
+    place = (rows, torch.arange(len(rows), device=rows.device) - starts[rows])
+    padded_values = values.new_zeros(batch, width).index_put_(place, values)
+    padded_columns = columns.new_zeros(batch, width).index_put_(place, columns)
+    return SparseCodes(padded_values, padded_columns, counts)
 
 
 def unit_sums(indices: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, n: int):
@@ -88,14 +102,18 @@ def unit_sums(indices: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, n: int
 
 
 class SparseCodes(NamedTuple):
-    values: torch.Tensor  # (batch, k) non-negative code values (zeros allowed: padding)
+    values: torch.Tensor  # (batch, k) non-negative code values (zeros allowed)
     indices: torch.Tensor  # (batch, k) int64 hidden-unit index of each value
+    # (batch,) int64 or None (every entry is a code): row b's codes are its first lengths[b] entries, the
+    # rest padding of value 0 that decodes to nothing and gets no gradient (BatchTopK's rows differ in length)
+    lengths: torch.Tensor | None = None
 
 
 class _SparseEncode(torch.autograd.Function):
     """Encode, select k codes per row, and back-propagate at a cost proportional to k.
 
-    Forward: z2 = x W1^T + bias (the one dense product), then the selection (TopK or BatchTopK),
+    Forward: z2 = x W1^T + bias (the one dense product), then the selection (each row's k largest, or
+    `select(z2)`'s SparseCodes: BatchTopK's rows of different lengths),
     and optionally the aux_k largest pre-activations of dead units for the AuxK loss. Backward:
     only the selected z2 entries have a gradient g, so
 
@@ -116,17 +134,17 @@ class _SparseEncode(torch.autograd.Function):
             z2.copy_(torch.addmm(bias.to(low), x.to(low), W1.t().to(low)))
         else:
             blas.matmul(x, W1.t(), z2).add_(bias)
-        values, indices = select(z2) if select is not None else row_topk(z2, k)
+        values, indices, lengths = select(z2) if select is not None else SparseCodes(*row_topk(z2, k))
         values = values.relu()
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
         if dead is not None and aux_k > 0:
             aux_values, aux_indices = _dead_topk(z2, dead, aux_k)
         ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
+        ctx.mark_non_differentiable(indices, aux_indices, *([] if lengths is None else [lengths]))
+        return values, indices, lengths, aux_values, aux_indices
 
     @staticmethod
-    def backward(ctx, grad_values, _, grad_aux, __):
+    def backward(ctx, grad_values, _, __, grad_aux, ___):
         x, W1, indices, active = ctx.saved_tensors
         g = torch.cat([grad_values, grad_aux], 1) * active
         grad_W1, grad_bias = unit_sums(indices, g, x, W1.shape[0])
@@ -150,7 +168,7 @@ def _dead_topk(z2: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple[torch.
 def _gather_sum(indices: torch.Tensor, values: torch.Tensor, W_rows: torch.Tensor) -> torch.Tensor:
     """(batch, d): sum_j values[b, j] W_rows[indices[b, j]]."""
     if sparse_cpu.available(W_rows, values):
-        return sparse_cpu.gather_sum(indices, values, W_rows)
+        return sparse_cpu.gather_sum(indices, values, W_rows, None)
     return F.embedding_bag(indices, W_rows, per_sample_weights=values.to(W_rows.dtype), mode="sum")
 
 
@@ -162,24 +180,26 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, indices, W_rows):
-        ctx.save_for_backward(values, indices, W_rows)
+    def forward(ctx, values, indices, W_rows, lengths):
+        ctx.save_for_backward(values, indices, W_rows, lengths)
         ctx.mark_non_differentiable(indices)
-        return sparse_cpu.gather_sum(indices, values, W_rows)
+        return sparse_cpu.gather_sum(indices, values, W_rows, lengths)
 
     @staticmethod
     def backward(ctx, grad_x_hat):
-        values, indices, W_rows = ctx.saved_tensors
-        grad_values = sparse_cpu.gather_dot(indices, W_rows, grad_x_hat) if ctx.needs_input_grad[0] else None
+        values, indices, W_rows, lengths = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = sparse_cpu.gather_dot(indices, W_rows, grad_x_hat, lengths)
         grad_rows = sparse_cpu.unit_sums(indices, values, grad_x_hat, W_rows.shape[0])[0]
-        return grad_values, None, grad_rows.to(W_rows.dtype) if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_rows.to(W_rows.dtype) if ctx.needs_input_grad[2] else None, None
 
 
 def sparse_encode(x, W1, bias, k: int, select=None, dead=None, aux_k: int = 0):
     """(SparseCodes of the selected codes, SparseCodes of the AuxK codes or None). See _SparseEncode."""
-    values, indices, aux_values, aux_indices = _SparseEncode.apply(x, W1, bias, k, select, dead, aux_k)
+    values, indices, lengths, aux_values, aux_indices = _SparseEncode.apply(x, W1, bias, k, select, dead, aux_k)
     aux = SparseCodes(aux_values, aux_indices) if aux_values.shape[1] else None
-    return SparseCodes(values, indices), aux
+    return SparseCodes(values, indices, lengths), aux
 
 
 def topk_codes(pre_acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,11 +233,17 @@ def dense_codes(values: torch.Tensor, indices: torch.Tensor, n_hidden: int) -> t
 
 
 def sparse_decode(
-    values: torch.Tensor, indices: torch.Tensor, W_dec_rows: torch.Tensor, bias: torch.Tensor | None = None
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec_rows: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_hat (batch, d) = sum_j values[:, j] · W_dec_rows[indices[:, j]] (+ bias (d,)).
 
     values (batch, k) floating, indices (batch, k) int64, W_dec_rows (n_hidden, d) contiguous,
+    lengths (batch,) int64 or None: as in SparseCodes, the entries of row b from lengths[b] on are
+    padding (value 0) that gets no gradient,
     one atom per row (in saekit's model that is `model.W2.t()`). Differentiable with respect
     to values, W_dec_rows and bias, all at k-sparse cost. Indices outside [0, n_hidden) are
     caught by torch itself (RuntimeError on the CPU, a device assert on CUDA); checking them
@@ -239,8 +265,10 @@ def sparse_decode(
             "of a saekit model, or W.t().contiguous() for a (d, n_hidden) decoder W."
         )
     if sparse_cpu.available(W_dec_rows, values):
-        x_hat = _SparseDecode.apply(values, indices, W_dec_rows)
+        x_hat = _SparseDecode.apply(values, indices, W_dec_rows, lengths)
     else:
+        if lengths is not None:  # the padding's gradient is 0
+            values = values * (torch.arange(values.shape[1], device=values.device) < lengths[:, None])
         x_hat = F.embedding_bag(indices, W_dec_rows, per_sample_weights=values, mode="sum")
     if bias is None:
         return x_hat

@@ -9,12 +9,18 @@ memory bandwidth. The loops here do the same arithmetic with one pass over the d
     row_topk(z, k)             each row's k largest values and their columns: a running
                                minimum of the k kept so far, so most values cost one compare
     row_support(mask, width)   each row's columns in use, padded: dense codes as sparse ones
+    at_least(z, low)           every entry of z at or above low, row by row (BatchTopK's
+                               candidates): a counting pass, then a filling pass
     unit_sums(idx, w, rows, n) out[i] = sum over (b, j) with idx[b, j] = i of w[b, j] * rows[b]:
                                the weight gradient of the encoder (rows = x) and of the
                                decoder (rows = dL/dx_hat); pairs counting-sorted by unit, then
                                one unit per task, so no two threads write one row
-    gather_dot(idx, W, rows)   out[b, j] = W[idx[b, j]] . rows[b]: the codes' gradient
-    gather_sum(idx, w, W)      out[b] = sum_j w[b, j] W[idx[b, j]]: k-sparse decoding
+    gather_dot(idx, W, rows, lengths)
+                               out[b, j] = W[idx[b, j]] . rows[b]: the codes' gradient
+    gather_sum(idx, w, W, lengths)
+                               out[b] = sum_j w[b, j] W[idx[b, j]]: k-sparse decoding
+                               (both over each row's first lengths[b] entries; the rest
+                               is padding: SparseCodes in saekit.kernels.sparse)
 
 They take contiguous float32 or float64 NumPy views of CPU tensors (no copy) and run on the
 threads torch uses. `available()` says whether Numba is installed; where it is not, or for
@@ -93,30 +99,55 @@ if nb is not None:
                 filler += 1
                 at += 1
 
+    @nb.njit(parallel=True, nogil=True, cache=True)
+    def _count_at_least(z, low, counts):
+        batch, n = z.shape
+        for b in nb.prange(batch):
+            row = z[b]
+            c = 0
+            for i in range(n):
+                if row[i] >= low:
+                    c += 1
+            counts[b] = c
+
+    @nb.njit(parallel=True, nogil=True, cache=True)
+    def _take_at_least(z, low, starts, values, columns):
+        batch, n = z.shape
+        for b in nb.prange(batch):
+            row, at = z[b], starts[b]
+            for i in range(n):
+                if row[i] >= low:
+                    values[at] = row[i]
+                    columns[at] = i
+                    at += 1
+
     @nb.njit(nogil=True, cache=True)
-    def _sort_by_unit(idx, n):
-        """(starts (n + 1,), order (pairs,)): the pairs b * k + j of each unit, unit by unit."""
+    def _sort_by_unit(idx, w, n):
+        """(starts (n + 1,), order (pairs,)): the pairs b * k + j of each unit, unit by unit; pairs of weight
+        0 add nothing to a sum and are left out (the padding of BatchTopK's rows, TopK's ReLU'd codes)."""
         batch, k = idx.shape
         starts = np.zeros(n + 1, np.int64)
         for b in range(batch):
             for j in range(k):
-                starts[idx[b, j] + 1] += 1
+                if w[b, j] != 0.0:
+                    starts[idx[b, j] + 1] += 1
         for i in range(n):
             starts[i + 1] += starts[i]
         fill = starts[:n].copy()
-        order = np.empty(batch * k, np.int64)
+        order = np.empty(starts[n], np.int64)
         for b in range(batch):
             for j in range(k):
-                i = idx[b, j]
-                order[fill[i]] = b * k + j
-                fill[i] += 1
+                if w[b, j] != 0.0:
+                    i = idx[b, j]
+                    order[fill[i]] = b * k + j
+                    fill[i] += 1
         return starts, order
 
     @nb.njit(parallel=True, nogil=True, cache=True, fastmath=FAST)
     def _unit_sums(idx, w, rows, out, sums):
         n, d = out.shape
         k = idx.shape[1]
-        starts, order = _sort_by_unit(idx, n)
+        starts, order = _sort_by_unit(idx, w, n)
         for i in nb.prange(n):
             acc = out[i]
             acc[:] = 0.0
@@ -125,19 +156,19 @@ if nb is not None:
                 b, j = order[p] // k, order[p] % k
                 weight = w[b, j]
                 total += weight
-                if weight != 0.0:
-                    row = rows[b]
-                    for c in range(d):
-                        acc[c] += weight * row[c]
+                row = rows[b]
+                for c in range(d):
+                    acc[c] += weight * row[c]
             sums[i] = total
 
     @nb.njit(parallel=True, nogil=True, cache=True, fastmath=FAST)
-    def _gather_dot(idx, W, rows, out):
+    def _gather_dot(idx, W, rows, lengths, out):
         batch, k = idx.shape
         d = W.shape[1]
         for b in nb.prange(batch):
             row = rows[b]
-            for j in range(k):
+            out[b, lengths[b] :] = 0.0  # padding: no gradient
+            for j in range(lengths[b]):
                 atom = W[idx[b, j]]
                 s = 0.0
                 for c in range(d):
@@ -145,13 +176,12 @@ if nb is not None:
                 out[b, j] = s
 
     @nb.njit(parallel=True, nogil=True, cache=True, fastmath=FAST)
-    def _gather_sum(idx, w, W, out):
-        batch, k = idx.shape
+    def _gather_sum(idx, w, W, lengths, out):
         d = W.shape[1]
-        for b in nb.prange(batch):
+        for b in nb.prange(idx.shape[0]):
             acc = out[b]
             acc[:] = 0.0
-            for j in range(k):
+            for j in range(lengths[b]):
                 weight = w[b, j]
                 if weight != 0.0:
                     atom = W[idx[b, j]]
@@ -185,17 +215,36 @@ def unit_sums(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, n: int) ->
     return out, sums
 
 
-def gather_dot(idx: torch.Tensor, W: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(batch, k): W[idx[b, j]] . rows[b]."""
+def at_least(z: torch.Tensor, low: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts (batch,), values (nnz,), columns (nnz,) int64): the entries of z (batch, n) that are >= low,
+    row after row, in column order within a row; counts[b] of them in row b."""
+    _threads()
+    data = _np(z)
+    counts = torch.empty(z.shape[0], dtype=torch.int64)
+    _count_at_least(data, low, counts.numpy())
+    starts = counts.cumsum(0) - counts
+    total = int(counts.sum())
+    values, columns = torch.empty(total, dtype=z.dtype), torch.empty(total, dtype=torch.int64)
+    _take_at_least(data, low, starts.numpy(), values.numpy(), columns.numpy())
+    return counts, values, columns
+
+
+def _lengths(idx: torch.Tensor, lengths: torch.Tensor | None) -> np.ndarray:
+    """Each row's count of codes: lengths, or every entry of idx (batch, k) where lengths is None."""
+    return _np(lengths) if lengths is not None else np.full(idx.shape[0], idx.shape[1], np.int64)
+
+
+def gather_dot(idx: torch.Tensor, W: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(batch, k): W[idx[b, j]] . rows[b] for j < lengths[b] (every j where lengths is None), 0 beyond."""
     _threads()
     out = torch.empty(idx.shape, dtype=W.dtype)
-    _gather_dot(_np(idx), _np(W), _np(rows.to(W.dtype)), out.numpy())
+    _gather_dot(_np(idx), _np(W), _np(rows.to(W.dtype)), _lengths(idx, lengths), out.numpy())
     return out
 
 
-def gather_sum(idx: torch.Tensor, w: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """(batch, d): sum_j w[b, j] W[idx[b, j]]."""
+def gather_sum(idx: torch.Tensor, w: torch.Tensor, W: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(batch, d): sum_j w[b, j] W[idx[b, j]] over j < lengths[b] (every j where lengths is None)."""
     _threads()
     out = torch.empty(idx.shape[0], W.shape[1], dtype=W.dtype)
-    _gather_sum(_np(idx), _np(w.to(W.dtype)), _np(W), out.numpy())
+    _gather_sum(_np(idx), _np(w.to(W.dtype)), _np(W), _lengths(idx, lengths), out.numpy())
     return out

@@ -201,7 +201,7 @@ class SparseAutoencoder(nn.Module):
         proportional to k, not n_hidden. A skip-transcoder needs the input x (batch, n_inputs) too."""
         offset = self.output_offset(x)
         if isinstance(h, SparseCodes):
-            return OUTPUTS[self.cfg.output](sparse_decode(h.values, h.indices, self.W2.t()) + offset)
+            return OUTPUTS[self.cfg.output](sparse_decode(h.values, h.indices, self.W2.t(), lengths=h.lengths) + offset)
         return OUTPUTS[self.cfg.output](torch.addmm(offset, h, self.W2.t()))
 
     def output_offset(self, x: torch.Tensor | None) -> torch.Tensor:

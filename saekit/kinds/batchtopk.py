@@ -7,6 +7,7 @@ dictionary acts as a JumpReLU with that threshold: codes no longer depend on the
 also how it is saved for SAELens (a "jumprelu" SAE whose thresholds are all that value).
 """
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..kernels.sparse import SparseCodes, sorted_row_topk
+from ..kernels.sparse import at_least, ragged_codes
 from .base import Output, SparseAutoencoder
 from .topk import TopK, TopKConfig
 
@@ -38,7 +39,7 @@ class BatchTopK(TopK):
 
     def sparsify(self, z2: torch.Tensor):
         """Training: SparseCodes of the batch's selection; inference: dense codes z2 * (z2 > threshold)."""
-        return SparseCodes(*self.batch_topk(z2)) if self.training else self.batch_topk(z2)
+        return self.batch_topk(z2)
 
     def forward(
         self, x: torch.Tensor, target: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
@@ -98,48 +99,49 @@ class BatchSelection(nn.Module):
         self.threshold: torch.Tensor
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=dtype, device=device))  # -1: not estimated yet
 
-    def _batch_threshold(self, candidates: torch.Tensor, n_keep: int) -> torch.Tensor:
-        flat = distributed.all_gather_cat(candidates.reshape(-1))
-        return flat.topk(min(n_keep, flat.numel()), sorted=False).values.min()
-
     def forward(self, z2: torch.Tensor):
-        """Training: (values, indices) of the kept codes, zero-padded to the widest row.
+        """Training: SparseCodes of the kept codes, each row's in column order, with its length.
         Inference: dense codes z2 * (z2 > threshold)."""
         if not self.training:
             keep = z2 > self.threshold.clamp_min(0)
             return z2 * keep
-        batch, n_hidden = z2.shape
-        n_keep = self.k * batch * distributed.world_size()
-        # Each row's top `width` candidates hold every kept value unless the row is "full" (all its
-        # candidates kept): then it may hold more. Only full rows are searched wider, so a few rows of
-        # large norm (which may take hundreds of codes) cost little; the rest keep 4k candidates.
-        width = min(4 * self.k, n_hidden)
-        values, indices = sorted_row_topk(z2, width)
-        while True:
-            threshold = self._batch_threshold(values, n_keep)
-            full = values[:, -1] >= threshold  # every process has the same width, so all stop together
-            if width == n_hidden or not distributed.any_true(bool(full.any())):
-                break
-            width = min(2 * width, n_hidden)
-            values, indices = _widen(values, indices, width)
-            rows = full.nonzero().squeeze(1)
-            values[rows], indices[rows] = sorted_row_topk(z2[rows], width)
+        n_keep = self.k * z2.shape[0] * distributed.world_size()
+        counts, values, columns = _candidates(z2, n_keep)
+        flat = distributed.all_gather_cat(values)
+        threshold = flat.topk(min(n_keep, flat.numel()), sorted=False).values.min()
         keep = (values >= threshold) & (values > 0)
-        used = distributed.max_int(max(1, int(keep.sum(1).max())))  # at least one (zero) code per row
-        values, indices, keep = values[:, :used], indices[:, :used], keep[:, :used]
-        values = values.masked_fill(~keep, 0)  # also the -inf of the rows' padding
+        rows = torch.repeat_interleave(torch.arange(len(counts), device=z2.device), counts)
+        lengths = torch.bincount(rows[keep], minlength=len(counts))
+        width = distributed.max_int(max(1, int(lengths.max())))  # at least one (zero) code per row
         with torch.no_grad():
             smallest = threshold.clamp_min(0).to(self.threshold.dtype)
             self.threshold.copy_(
                 smallest if self.threshold < 0 else self.momentum * self.threshold + (1 - self.momentum) * smallest
             )
-        return values, indices
+        return ragged_codes(lengths, values[keep], columns[keep], width)
 
 
-def _widen(values: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates (batch, n) padded to (batch, width) with -inf values (never kept) and index 0."""
-    pad = width - values.shape[1]
-    return (
-        torch.nn.functional.pad(values, (0, pad), value=-float("inf")),
-        torch.nn.functional.pad(indices, (0, pad), value=0),
-    )
+def _candidates(z2: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`at_least(z2, low)` for a bound low that at least n_keep entries of the global batch reach, so that
+    every kept entry is among these candidates, and that not many more reach: about 2 * n_keep.
+
+    low is read from an evenly spread sample of about 2^18 entries (its stride shares no factor with
+    the row length, so the sample visits every unit); where too few reach it, a lower bound is tried.
+    """
+    flat = z2.reshape(-1)
+    stride = max(1, flat.numel() >> 18)
+    while math.gcd(stride, z2.shape[1]) != 1:
+        stride += 1
+    sample = flat[::stride]
+    share = n_keep / (flat.numel() * distributed.world_size())  # the kept share of the entries
+    take = 2 * share * sample.numel() + 64
+    while True:
+        low = sample.new_tensor(-math.inf)
+        if take < sample.numel():
+            low = sample.topk(int(take), sorted=False).values.min()
+        low = distributed.all_gather_cat(low[None]).min()  # one bound for every process
+        counts, values, columns = at_least(z2, float(low))
+        reached = int(distributed.all_reduce_sum(counts.sum()[None]))
+        if reached >= n_keep or low == -math.inf:
+            return counts, values, columns
+        take *= 4
