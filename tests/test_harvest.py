@@ -356,6 +356,23 @@ def test_finished_harvest_is_refused_unless_overwrite(tiny, tmp_path):
     assert [p.name for p in (out / "windows").iterdir()] == ["windows_00000.safetensors"]
 
 
+def test_training_refuses_an_unfinished_harvest(tiny, tmp_path, capsys):
+    """A harvest killed before its manifest leaves whole shards: training on them would silently use part
+    of the data, so it is refused in one line, and accepted once the harvest has finished."""
+    folder, _, _, texts, _ = tiny
+    out = tmp_path / "out"
+    harvest(folder, texts, out, layer=0, context_length=CONTEXT, shard_size=8, progress=False)
+    manifest = (out / "harvest.json").read_bytes()
+    (out / "harvest.json").unlink()  # as a kill before the last write leaves it
+    train = ["train", "--preset", "topk", "--data", str(out), "--n-hidden", "16", "--k", "2", "--steps", "2", "--batch-size", "16"]
+    capsys.readouterr()
+    code = run_cli([*train, "--out", str(tmp_path / "run"), "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "unfinished harvest", "harvest.json", "run the harvest again")
+    assert not (tmp_path / "run").exists()
+    (out / "harvest.json").write_bytes(manifest)
+    assert run_cli([*train, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+
+
 @pytest.mark.slow  # runs a transformer
 def test_cli_arguments_and_run(tiny, tmp_path, capsys):
     folder, _, _, texts, _ = tiny

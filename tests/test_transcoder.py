@@ -177,7 +177,7 @@ def paired_shards(tmp_path):
     folder.mkdir()
     for i, rows in enumerate((slice(0, 1800), slice(1800, 3000))):
         tensors = {"activations": x[rows].contiguous(), "targets": y[rows].contiguous()}
-        safetensors.torch.save_file(tensors, folder / f"shard_{i:05d}.safetensors")
+        safetensors.torch.save_file(tensors, folder / f"part_{i}.safetensors")
     return folder, x, y
 
 

@@ -73,11 +73,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write, read_json, write_json, write_unit
+from .vectors import MANIFEST, SHARD_NAME
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DOCUMENTS = ("line", "file")
-MANIFEST = "harvest.json"
-SHARD_NAME = "shard_{:05d}.safetensors"
 WINDOWS = "windows"  # the folder of the windows' token ids
 WINDOWS_NAME = "windows_{:05d}.safetensors"
 TOKENIZER = "tokenizer"  # the folder of the saved tokenizer
