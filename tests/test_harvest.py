@@ -364,7 +364,7 @@ def test_training_refuses_an_unfinished_harvest(tiny, tmp_path, capsys):
     harvest(folder, texts, out, layer=0, context_length=CONTEXT, shard_size=8, progress=False)
     manifest = (out / "harvest.json").read_bytes()
     (out / "harvest.json").unlink()  # as a kill before the last write leaves it
-    train = ["train", "--preset", "topk", "--data", str(out), "--n-hidden", "16", "--k", "2", "--steps", "2", "--batch-size", "16"]
+    train = ["train", "--preset", "topk", "--data", str(out), "--n-hidden", "16", "--k", "2", "--batch-size", "16"]
     capsys.readouterr()
     code = run_cli([*train, "--out", str(tmp_path / "run"), "--no-progress"])
     assert_one_line_error(code, capsys.readouterr().err, "unfinished harvest", "harvest.json", "run the harvest again")

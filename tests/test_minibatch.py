@@ -469,6 +469,20 @@ def _drop_timing(rows):
     return [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")} for row in rows]
 
 
+def test_a_ctrl_c_the_process_ignores_stays_ignored_during_training():
+    """A shell's background job starts with SIGINT ignored: training must not start heeding it (SIGTERM
+    still stops the run at a step boundary)."""
+    x, cfg = _data(110, offset=1.0), _cfg(steps=15, checkpoint_every=7, **RESUME_CASES["batchtopk"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest restores the handlers after the test
+    trainer = _trainer(x, cfg)
+    _, interrupted = trainer.run(progress=False, checkpoint=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert not interrupted and trainer.step == 15
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    trainer = _trainer(x, cfg)
+    _, interrupted = trainer.run(progress=False, checkpoint=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert interrupted and trainer.step == 7
+
+
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_interrupted_and_resumed_equals_uninterrupted(case, tmp_path):
     x = _unit_interval(110) if case == "sigmoid-kl" else _data(110, offset=1.0)  # 4 steps an epoch, 10 rows dropped

@@ -20,7 +20,8 @@ class StepBoundaryStop:
 
     Blocks nest: an inner one is the outer one (a run keeps signals waiting from its first step
     to its last checkpoint, across the trainer's own block). Outside the main thread, signal
-    handlers cannot be set; Ctrl-C then raises as usual.
+    handlers cannot be set; Ctrl-C then raises as usual. A signal the process was told to ignore
+    (as a shell's background job ignores Ctrl-C) stays ignored.
     """
 
     active: "StepBoundaryStop | None" = None  # the outermost block in effect
@@ -32,7 +33,8 @@ class StepBoundaryStop:
             return outer
         self.requested = False
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            heeded = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+            self.previous = {s: signal.signal(s, self._handle) for s in heeded}
             StepBoundaryStop.active = self
         return self
 
