@@ -136,15 +136,19 @@ class Matryoshka(BatchTopK):
 
 def _group_sums(h: SparseCodes, atoms: torch.Tensor, widths: list[int]) -> torch.Tensor:
     """(batch, G, n_inputs): sum_j values[b, j] atoms[indices[b, j]] over the codes of each group
-    [m_(g-1), m_g), as one embedding bag per (row, group) after sorting each row's codes by group."""
+    [m_(g-1), m_g), as one embedding bag per (row, group) after sorting the codes (not the rows'
+    padding beyond their lengths) by row and group."""
     batch, width = h.values.shape
+    n_groups = len(widths)
+    row = torch.arange(batch, device=h.indices.device)[:, None].expand(batch, width)
     bounds = torch.tensor(widths[:-1], device=h.indices.device)
-    group = torch.bucketize(h.indices.contiguous(), bounds, right=True)  # (batch, width) in [0, G)
-    group, order = group.sort(dim=1, stable=True)
-    values, indices = h.values.gather(1, order), h.indices.gather(1, order)
-    starts = torch.searchsorted(group, torch.arange(len(widths), device=group.device).expand(batch, -1).contiguous())
-    offsets = (starts + width * torch.arange(batch, device=group.device)[:, None]).reshape(-1)
-    bags = F.embedding_bag(
-        indices.reshape(-1), atoms, offsets, mode="sum", per_sample_weights=values.reshape(-1).to(atoms.dtype)
-    )
-    return bags.view(batch, len(widths), -1)
+    bag = row * n_groups + torch.bucketize(h.indices, bounds, right=True)  # (batch, width) in [0, batch * G)
+    if h.lengths is not None:  # only the codes
+        codes = torch.arange(width, device=row.device) < h.lengths[:, None]
+        bag, values, indices = bag[codes], h.values[codes], h.indices[codes]
+    else:
+        bag, values, indices = bag.reshape(-1), h.values.reshape(-1), h.indices.reshape(-1)
+    bag, order = bag.sort(stable=True)
+    offsets = torch.searchsorted(bag, torch.arange(batch * n_groups, device=bag.device))
+    sums = F.embedding_bag(indices[order], atoms, offsets, mode="sum", per_sample_weights=values[order].to(atoms.dtype))
+    return sums.view(batch, n_groups, -1)
