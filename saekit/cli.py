@@ -119,6 +119,7 @@ def _kinds_of(uses: list) -> list[str]:
 def _add_option(group, name: str, annotation, help_text: str) -> None:
     names = [f"--{dashed(name)}", *ALIASES.get(name, [])]
     kind = value_type(annotation)
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %: a docstring's "20%" is text
     if kind is bool:
         group.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:

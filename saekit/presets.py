@@ -37,8 +37,9 @@ _MODERN = {
 }
 
 # The TopK family's recipe, chosen on MiniLM activations (README, "The default recipe"): AuxK over 512
-# units; the learning rate and when a unit counts as dead follow from the width and k (TopKConfig).
-_TOPK_RECIPE = {"aux_k": 512}
+# units, and the learning rate held, then falling linearly to 0 over the last fifth of the steps; the
+# learning rate and when a unit counts as dead follow from the width and k (TopKConfig).
+_TOPK_RECIPE = {"aux_k": 512, "lr_decay": "linear", "lr_decay_fraction": 0.2}
 
 PRESETS: dict[str, Preset] = {
     "ufldl-patches": Preset(

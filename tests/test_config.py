@@ -343,6 +343,8 @@ def test_the_kinds_have_their_own_defaults():
         (dict(n_hidden=0), "--n-hidden must be a whole number >= 1"),
         (dict(n_examples=2.5), "--n-examples must be int"),
         (dict(lr=0.0), "--lr must be a finite number > 0"),
+        (dict(lr_decay_fraction=0.0), "--lr-decay-fraction must lie in (0, 1]"),
+        (dict(lr_decay_fraction=1.5), "--lr-decay-fraction must lie in (0, 1]"),
         (dict(rho_momentum=1.0), "--rho-momentum must lie in [0, 1)"),
         (dict(optimizer="lbfgs2"), "--optimizer must be one of lbfgs, adam, sgd"),
         (dict(dtype="float16"), "--dtype must be one of float64, float32"),

@@ -221,6 +221,10 @@ _RAGGED = (
     "float32 decoding adds them in another order; the codes kept are the same, and a float64 run of this "
     "case matches the previous code's weights to 2e-13 (0.5.0)"
 )
+_SCHEDULE = (
+    "the TopK family's presets hold the learning rate, then lower it linearly to 0 over the last fifth of the "
+    "steps (lr_decay linear, lr_decay_fraction 0.2: README, 'The default recipe') (0.5.0)"
+)
 RERECORDED = {
     **dict.fromkeys(
         (
@@ -235,9 +239,9 @@ RERECORDED = {
         ),
         _PHOTOGRAPHS,
     ),
-    **dict.fromkeys(("topk", "topk-autocast-bf16"), _TOPK_RECIPE),
-    "batchtopk": _TOPK_RECIPE + "; and " + _THRESHOLD + "; and " + _RAGGED,
-    "batchtopk-sgd-zeros-bias": _THRESHOLD,
+    **dict.fromkeys(("topk", "topk-autocast-bf16"), _TOPK_RECIPE + "; and " + _SCHEDULE),
+    "batchtopk": _TOPK_RECIPE + "; and " + _THRESHOLD + "; and " + _RAGGED + "; and " + _SCHEDULE,
+    "batchtopk-sgd-zeros-bias": _THRESHOLD + "; and " + _SCHEDULE,
 }
 
 

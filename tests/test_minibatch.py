@@ -941,16 +941,20 @@ def test_tensorboard_logs_every_history_row(tmp_path):
         ("none", [1 / 3, 2 / 3, 1, 1, 1, 1, 1]),
         ("linear", [1 / 3, 2 / 3, 1, 1, 3 / 4, 2 / 4, 1 / 4]),
         ("cosine", [1 / 3, 2 / 3, 1, 1, (1 + math.cos(math.pi / 4)) / 2, 1 / 2, (1 + math.cos(3 * math.pi / 4)) / 2]),
+        # warm-up 3, then 8 steps: --lr for 4, the decay over the last 4 (fraction 0.5)
+        ("linear-half", [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4]),
     ],
 )
 def test_the_learning_rate_warms_up_then_decays_as_set(decay, expected):
-    trainer = _trainer(_data(), _cfg(kind="relu", penalty="none", steps=7, warmup_steps=3, lr_decay=decay, lr=0.5))
+    decay, _, half = decay.partition("-")
+    schedule = dict(steps=len(expected), warmup_steps=3, lr_decay=decay, lr_decay_fraction=0.5 if half else 1.0)
+    trainer = _trainer(_data(), _cfg(kind="relu", penalty="none", lr=0.5, **schedule))
     seen = []
-    for _ in range(7):
+    for _ in range(len(expected)):
         seen.append(trainer.lr_factor())
         trainer.step += 1
     assert seen == pytest.approx(expected)
-    trainer = _trainer(_data(), _cfg(kind="relu", penalty="none", steps=7, warmup_steps=3, lr_decay=decay, lr=0.5))
+    trainer = _trainer(_data(), _cfg(kind="relu", penalty="none", lr=0.5, **schedule))
     trainer.run(progress=False)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * seen[-1])  # the last step's rate
 

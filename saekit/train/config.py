@@ -31,6 +31,9 @@ class OptimConfig(Settings):
     lr_decay: Literal["none", "linear", "cosine"] = "none"
     """Minibatch training: after the warm-up, keep --lr ('none'), or lower it towards 0 over the remaining steps
     ('linear', 'cosine': the last step takes about 1/n of it)."""
+    lr_decay_fraction: float = 1.0
+    """Minibatch training: the share of the steps after the warm-up that --lr-decay takes, at their end (1: all
+    of them; 0.2: --lr holds for the first 80%, then decays over the last 20%)."""
     shuffle_buffer: int = 65536
     """Minibatch training: rows held in memory for shuffling a streamed data set."""
     shuffle: bool = True
@@ -68,6 +71,8 @@ class OptimConfig(Settings):
         ) + self.at_least(0, "steps", "warmup_steps")
         if not (self.lr > 0 and self.lr < float("inf")):
             problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
+        if not 0 < self.lr_decay_fraction <= 1:
+            problems.append(f"--lr-decay-fraction must lie in (0, 1] (got {self.lr_decay_fraction})")
         return problems
 
     @property

@@ -133,12 +133,13 @@ class Minibatch:
         return self.since_fired >= self.optim.dead_after
 
     def lr_factor(self) -> float:
-        """The schedule's share of --lr at this step: a linear warm-up, then constant or decaying to 0."""
+        """The schedule's share of --lr at this step: a linear warm-up, then constant, or constant and then
+        decaying to 0 over the last lr_decay_fraction of the steps after the warm-up."""
         optim, step = self.optim, self.step
         if step < optim.warmup_steps:
             return (step + 1) / optim.warmup_steps
-        span = max(1, self.total_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
+        decay = max(1, round((self.total_steps - optim.warmup_steps) * optim.lr_decay_fraction))
+        progress = min(1.0, max(0.0, (step - (self.total_steps - decay)) / decay))
         if optim.lr_decay == "linear":
             return 1.0 - progress
         if optim.lr_decay == "cosine":
