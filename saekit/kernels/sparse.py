@@ -30,7 +30,9 @@ times slower on the 2-core CPU, its gather materialising a (batch, k, d) tensor,
 none here: `sparse_decode` is embedding_bag with checks. `benchmarks/sparse_decode.py` times
 both against dense decoding.
 
-Codes travel as `SparseCodes`: values (batch, k) and indices (batch, k) int64 into the n_hidden atoms.
+Codes travel as `SparseCodes`: values (batch, k) and indices (batch, k) int64 into the n_hidden atoms,
+and, where rows hold different numbers of codes (BatchTopK), lengths (batch,): row b's codes are its
+first lengths[b] entries, the rest padding that the loops here skip.
 """
 
 from typing import NamedTuple
