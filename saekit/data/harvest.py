@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write, read_json, write_json, write_unit
-from .vectors import MANIFEST, SHARD_NAME
+from .vectors import MANIFEST, SHARD_GLOB, SHARD_NAME
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DOCUMENTS = ("line", "file")
@@ -373,7 +373,7 @@ def save_tokenizer(tokenizer, out: Path) -> Path:
 def _old_files(out: Path) -> set[Path]:
     """Files a harvest writes: shards, windows and temporary files left by an interrupted one."""
     return {
-        *out.glob("shard_*.safetensors"),
+        *out.glob(SHARD_GLOB),
         *out.glob(".shard_*.tmp"),
         *out.glob(f".{MANIFEST}.*.tmp"),
         *out.glob(f".{TOKENIZER}.*.tmp"),
@@ -782,7 +782,7 @@ def load_provenance(folder) -> Provenance | None:
     if "provenance" not in manifest:
         return None
     rows: dict[str, list[torch.Tensor]] = {key: [] for key in PROVENANCE}
-    for path in sorted(folder.glob("shard_*.safetensors")):
+    for path in sorted(folder.glob(SHARD_GLOB)):
         with safe_open(path, framework="pt") as f:
             for key in PROVENANCE:
                 rows[key].append(f.get_tensor(key))

@@ -53,6 +53,7 @@ from saekit.errors import UserError
 SUFFIXES = (".npy", ".safetensors")
 # A folder `saekit harvest` writes (saekit.data.harvest): its shards, and its manifest, written last
 SHARD_NAME = "shard_{:05d}.safetensors"
+SHARD_GLOB = "shard_*.safetensors"  # every name SHARD_NAME gives
 MANIFEST = "harvest.json"
 INPUTS_KEY = "activations"  # the tensor a .safetensors source reads unless told
 SAFETENSORS_NUMERIC = ("F", "BF", "I", "U")  # dtype name prefixes: floats and integers
@@ -245,7 +246,7 @@ def open_vectors(source, key: str | None = None) -> VectorSource:
         raise UserError(
             f"folder {path} holds no .npy or .safetensors files; put the vector shards there or give a file"
         )
-    if not (path / MANIFEST).is_file() and any(p.match(SHARD_NAME.replace("{:05d}", "[0-9]" * 5)) for p in files):
+    if not (path / MANIFEST).is_file() and any(p.match(SHARD_GLOB) for p in files):
         raise UserError(
             f"{path} holds an unfinished harvest: its shards but not {MANIFEST}, which `saekit harvest` writes "
             f"last; run the harvest again to finish it (or rename the shards if they are not a harvest's)"
