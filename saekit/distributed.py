@@ -75,7 +75,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     length = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
     lengths = [torch.empty_like(length) for _ in range(world_size())]
     dist.all_gather(lengths, length)
-    padded = t.new_zeros(int(max(lengths))).index_copy_(0, torch.arange(t.numel(), device=t.device), t)
+    padded = torch.nn.functional.pad(t, (0, int(max(lengths)) - t.numel()))
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
