@@ -37,9 +37,17 @@ _MODERN = {
 }
 
 # The TopK family's recipe, chosen on MiniLM activations (README, "The default recipe"): AuxK over 512
-# units, and the learning rate held, then falling linearly to 0 over the last fifth of the steps; the
-# learning rate and when a unit counts as dead follow from the width and k (TopKConfig).
-_TOPK_RECIPE = {"aux_k": 512, "lr_decay": "linear", "lr_decay_fraction": 0.2}
+# units at weight 1/64; Adam with beta1 0.8; the learning rate held, then falling linearly to 0 over the
+# last fifth of the steps, or over all but the first 160 in longer runs (held longer, more units die);
+# the learning rate and when a unit counts as dead follow from the width and k (TopKConfig).
+_TOPK_RECIPE = {
+    "aux_k": 512,
+    "aux_coefficient": 1 / 64,
+    "adam_beta1": 0.8,
+    "lr_decay": "linear",
+    "lr_decay_fraction": 0.2,
+    "lr_hold_steps": 160,
+}
 
 PRESETS: dict[str, Preset] = {
     "ufldl-patches": Preset(

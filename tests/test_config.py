@@ -308,12 +308,12 @@ def test_a_presets_setting_the_chosen_kind_lacks_is_dropped():
     preset = PRESETS["topk"].settings
     assert cfg.model == kinds.config(
         "relu", n_hidden=preset["n_hidden"], output="linear", pre_bias=True, tied_init=True, weight_decay=0.0
-    )  # no k, no aux_k; relu's own defaults
-    assert not hasattr(cfg.model, "k") and "k" not in cfg.flat() and "aux_k" not in cfg.flat()
+    )  # no k, no AuxK; relu's own defaults
+    assert not hasattr(cfg.model, "k") and not {"k", "aux_k", "aux_coefficient"} & cfg.flat().keys()
     # The preset's data, optimisation and run settings are kept.
     flat = cfg.flat()
     for key, value in preset.items():
-        if key not in ("kind", "k", "aux_k"):
+        if key not in ("kind", "k", "aux_k", "aux_coefficient"):
             assert flat[key] == value, key
     sigmoid = build_config("batchtopk", overrides={"kind": "sigmoid", "n_hidden": 64})
     assert sigmoid.model.kind == "sigmoid" and sigmoid.model.n_hidden == 64 and sigmoid.optim.optimizer == "adam"
@@ -345,6 +345,10 @@ def test_the_kinds_have_their_own_defaults():
         (dict(lr=0.0), "--lr must be a finite number > 0"),
         (dict(lr_decay_fraction=0.0), "--lr-decay-fraction must lie in (0, 1]"),
         (dict(lr_decay_fraction=1.5), "--lr-decay-fraction must lie in (0, 1]"),
+        (dict(lr_hold_steps=-1), "--lr-hold-steps must be a whole number >= 0"),
+        (dict(adam_beta1=1.0), "--adam-beta1 must lie in [0, 1)"),
+        (dict(adam_beta2=-0.5), "--adam-beta2 must lie in [0, 1)"),
+        (dict(adam_beta2=float("nan")), "--adam-beta2 must lie in [0, 1)"),
         (dict(rho_momentum=1.0), "--rho-momentum must lie in [0, 1)"),
         (dict(optimizer="lbfgs2"), "--optimizer must be one of lbfgs, adam, sgd"),
         (dict(dtype="float16"), "--dtype must be one of float64, float32"),

@@ -943,11 +943,16 @@ def test_tensorboard_logs_every_history_row(tmp_path):
         ("cosine", [1 / 3, 2 / 3, 1, 1, (1 + math.cos(math.pi / 4)) / 2, 1 / 2, (1 + math.cos(3 * math.pi / 4)) / 2]),
         # warm-up 3, then 8 steps: --lr for 4, the decay over the last 4 (fraction 0.5)
         ("linear-half", [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4]),
+        # the same from fraction 0.25 (a decay over 2 steps) with --lr held for at most 4 steps
+        ("linear-hold", [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4]),
+        # fraction 0.5 holds --lr for 4 steps, fewer than the 6 allowed: the fraction decides
+        ("linear-long-hold", [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4]),
     ],
 )
 def test_the_learning_rate_warms_up_then_decays_as_set(decay, expected):
-    decay, _, half = decay.partition("-")
-    schedule = dict(steps=len(expected), warmup_steps=3, lr_decay=decay, lr_decay_fraction=0.5 if half else 1.0)
+    decay, _, variant = decay.partition("-")
+    fraction, hold = {"half": (0.5, 0), "hold": (0.25, 4), "long-hold": (0.5, 6)}.get(variant, (1.0, 0))
+    schedule = dict(steps=len(expected), warmup_steps=3, lr_decay=decay, lr_decay_fraction=fraction, lr_hold_steps=hold)
     trainer = _trainer(_data(), _cfg(kind="relu", penalty="none", lr=0.5, **schedule))
     seen = []
     for _ in range(len(expected)):

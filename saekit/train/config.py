@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 
-from ..settings import Settings
+from ..settings import Settings, dashed
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,6 +26,10 @@ class OptimConfig(Settings):
     """Examples per minibatch (adam, sgd), per process under torchrun."""
     lr: float = 1e-3
     """Learning rate (adam, sgd): the peak of the schedule."""
+    adam_beta1: float = 0.9
+    """Adam's decay rate for its running mean of the gradients (its momentum)."""
+    adam_beta2: float = 0.999
+    """Adam's decay rate for its running mean of the squared gradients."""
     warmup_steps: int = 0
     """Minibatch training: steps over which the learning rate rises linearly from 0 to --lr."""
     lr_decay: Literal["none", "linear", "cosine"] = "none"
@@ -34,6 +38,9 @@ class OptimConfig(Settings):
     lr_decay_fraction: float = 1.0
     """Minibatch training: the share of the steps after the warm-up that --lr-decay takes, at their end (1: all
     of them; 0.2: --lr holds for the first 80%, then decays over the last 20%)."""
+    lr_hold_steps: int = 0
+    """Minibatch training: the most steps --lr holds after the warm-up before --lr-decay starts, so that a long
+    run decays over more than --lr-decay-fraction of its steps (0: no limit)."""
     shuffle_buffer: int = 65536
     """Minibatch training: rows held in memory for shuffling a streamed data set."""
     shuffle: bool = True
@@ -68,9 +75,14 @@ class OptimConfig(Settings):
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
-        ) + self.at_least(0, "steps", "warmup_steps")
+        ) + self.at_least(0, "steps", "warmup_steps", "lr_hold_steps")
         if not (self.lr > 0 and self.lr < float("inf")):
             problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
+        problems += [
+            f"--{dashed(name)} must lie in [0, 1) (got {getattr(self, name)})"
+            for name in ("adam_beta1", "adam_beta2")
+            if not 0 <= getattr(self, name) < 1
+        ]
         if not 0 < self.lr_decay_fraction <= 1:
             problems.append(f"--lr-decay-fraction must lie in (0, 1] (got {self.lr_decay_fraction})")
         return problems

@@ -56,7 +56,7 @@ def make_optimizer(params: list, optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
         return torch.optim.SGD(params, lr=optim.lr)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=optim.lr, fused=fused)
+    return torch.optim.Adam(params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), fused=fused)
 
 
 class Minibatch:
@@ -134,11 +134,15 @@ class Minibatch:
 
     def lr_factor(self) -> float:
         """The schedule's share of --lr at this step: a linear warm-up, then constant, or constant and then
-        decaying to 0 over the last lr_decay_fraction of the steps after the warm-up."""
+        decaying to 0 over the last lr_decay_fraction of the steps after the warm-up, or over every step after
+        the first lr_hold_steps of them where those are more."""
         optim, step = self.optim, self.step
         if step < optim.warmup_steps:
             return (step + 1) / optim.warmup_steps
-        decay = max(1, round((self.total_steps - optim.warmup_steps) * optim.lr_decay_fraction))
+        after_warmup = self.total_steps - optim.warmup_steps
+        decay = max(1, round(after_warmup * optim.lr_decay_fraction))
+        if optim.lr_hold_steps:
+            decay = max(decay, after_warmup - optim.lr_hold_steps)
         progress = min(1.0, max(0.0, (step - (self.total_steps - decay)) / decay))
         if optim.lr_decay == "linear":
             return 1.0 - progress
