@@ -28,7 +28,7 @@ import typing
 import numpy as np
 import torch
 
-from . import distributed, ufldl
+from . import distributed
 from .classify import classify
 from .config import PARTS, build_config
 from .data import load_training_data, open_pairs
@@ -574,6 +574,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
+    from . import ufldl  # here, not above: its image readers (SciPy, scikit-image) add 0.7 s to every command's start
+
     if args.n_examples < 1 or args.n_hidden < 1:
         raise UserError("--n-examples and --n-hidden must be at least 1.")
     quadratic = ufldl.check_numerical_gradient()

@@ -385,3 +385,17 @@ def test_batchtopk_inference_threshold_keeps_about_k_codes_after_a_short_run():
     with torch.no_grad():
         l0 = float((model.features(held_out) > 0).sum(1).float().mean())
     assert 6.5 < l0 < 9.5
+
+
+def test_bfloat16_codes_are_those_of_the_bfloat16_product_and_outlive_the_next_call():
+    """Under autocast the encoder's product runs in bfloat16 into buffers kept from call to call: the codes
+    are the top k of that product (computed here by torch alone), and a second call leaves the first's intact."""
+    torch.manual_seed(0)
+    x, W1, bias = torch.randn(BATCH, D), torch.randn(N_HIDDEN, D), torch.randn(N_HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, _ = sparse_encode(x, W1, bias, K)
+        kept = _dense(first.values, first.indices).clone()
+        sparse_encode(torch.randn(BATCH, D), W1, bias, K)
+    z2 = torch.addmm(bias.bfloat16(), x.bfloat16(), W1.t().bfloat16()).float()
+    assert torch.equal(kept, z2.relu() * _topk_mask(z2, K))
+    assert torch.equal(_dense(first.values, first.indices), kept)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,11 +109,15 @@ def leftovers(run_dir: Path) -> list[Path]:
 def small(tmp_path_factory):
     """An uninterrupted SMALL run: its weights, and how many times each file-system function was called."""
     cwd = tmp_path_factory.mktemp("reference")
-    calls = {}
-    for function in ("os.fsync", "os.replace", "os.rename", "os.open"):
+
+    def count(function: str) -> int:
         result = saekit(cwd, "train", *SMALL, "--out", f"run-{function}", fault=("count", function, "0"))
         assert result.returncode == 0, result.stderr
-        calls[function] = int(result.stderr.split("FAULT-COUNT")[-1])
+        return int(result.stderr.split("FAULT-COUNT")[-1])
+
+    functions = ("os.fsync", "os.replace", "os.rename", "os.open")
+    with ThreadPoolExecutor(2) as pool:
+        calls = dict(zip(functions, pool.map(count, functions)))
     return {"weights": weights(cwd / "run-os.fsync"), "calls": calls}
 
 
@@ -144,15 +149,18 @@ def kill_points(total: int) -> list[int]:
 
 @pytest.mark.parametrize("function", ["os.fsync", "os.replace", "os.rename"])
 def test_a_kill_at_any_write_resumes_identically_or_refuses(function, small, tmp_path):
-    outcomes = []
-    for n in kill_points(small["calls"][function]):
+    def kill_and_resume(n: int) -> str | None:
         run = f"run-{n}"
         killed = saekit(tmp_path, "train", *SMALL, "--out", run, fault=("kill", function, str(n)))
         assert killed.returncode == -signal.SIGKILL
         if not (tmp_path / run / "config.json").exists():  # killed before the run existed: nothing to resume
             assert one_line_error(saekit(tmp_path, "train", "--resume", run), "not a saekit run folder")
-            continue
-        outcomes.append(resume_outcome(tmp_path, run, small["weights"]))
+            return None
+        return resume_outcome(tmp_path, run, small["weights"])
+
+    # Two kill points at a time, each in its own folder: the processes mostly start Python and import.
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = [outcome for outcome in pool.map(kill_and_resume, kill_points(small["calls"][function])) if outcome]
     print(f"{function}: {len(outcomes)} kills, outcomes {sorted(set(outcomes))}")
     assert outcomes and set(outcomes) == {"identical"}  # every killed run could be resumed
 
