@@ -115,6 +115,14 @@ class Settings:
                 problems.append(f"--{dashed(name)} must be {kind} >= {low:g} (got {value!r})")
         return problems
 
+    def from_zero_below_one(self, *names: str) -> list[str]:
+        """Problems for each named number outside [0, 1) (NaN included): decay rates, momenta."""
+        return [
+            f"--{dashed(name)} must lie in [0, 1) (got {getattr(self, name)!r})"
+            for name in names
+            if not 0 <= getattr(self, name) < 1
+        ]
+
     def finite(self, *names: str) -> list[str]:
         """Problems for each named number that is infinite or NaN (training would be meaningless)."""
         return [

@@ -47,11 +47,14 @@ class SigmoidConfig(ModelConfig):
     """Minibatch training with the KL penalty: weight of the old value in the running estimate of rho_hat."""
 
     def problems(self) -> list[str]:
-        problems = super().problems() + self.at_least(0, "beta") + self.finite("beta")
+        problems = (
+            super().problems()
+            + self.at_least(0, "beta")
+            + self.finite("beta")
+            + self.from_zero_below_one("rho_momentum")
+        )
         if not 0 < self.rho < 1:
             problems.append(f"--rho must lie strictly between 0 and 1 (got {self.rho})")
-        if not 0 <= self.rho_momentum < 1:
-            problems.append(f"--rho-momentum must lie in [0, 1) (got {self.rho_momentum})")
         return problems
 
 

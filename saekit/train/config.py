@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 
-from ..settings import Settings, dashed
+from ..settings import Settings
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,25 +64,24 @@ class OptimConfig(Settings):
     """Checkpoints kept, newest first: if the newest is damaged, --resume falls back to the one before."""
 
     def problems(self) -> list[str]:
-        problems = self.at_least(
-            1,
-            "max_iter",
-            "lbfgs_memory",
-            "epochs",
-            "batch_size",
-            "shuffle_buffer",
-            "dead_after",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ) + self.at_least(0, "steps", "warmup_steps", "lr_hold_steps")
+        problems = (
+            self.at_least(
+                1,
+                "max_iter",
+                "lbfgs_memory",
+                "epochs",
+                "batch_size",
+                "shuffle_buffer",
+                "dead_after",
+                "log_every",
+                "checkpoint_every",
+                "keep_checkpoints",
+            )
+            + self.at_least(0, "steps", "warmup_steps", "lr_hold_steps")
+            + self.from_zero_below_one("adam_beta1", "adam_beta2")
+        )
         if not (self.lr > 0 and self.lr < float("inf")):
             problems.append(f"--lr must be a finite number > 0 (got {self.lr})")
-        problems += [
-            f"--{dashed(name)} must lie in [0, 1) (got {getattr(self, name)})"
-            for name in ("adam_beta1", "adam_beta2")
-            if not 0 <= getattr(self, name) < 1
-        ]
         if not 0 < self.lr_decay_fraction <= 1:
             problems.append(f"--lr-decay-fraction must lie in (0, 1] (got {self.lr_decay_fraction})")
         return problems
