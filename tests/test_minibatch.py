@@ -26,6 +26,7 @@ from saekit.eval import evaluate_stream
 from saekit.run import RunFolder, load_model
 from saekit.run.train import _fixed_settings
 from saekit.train import Minibatch
+from saekit.train.minibatch import Adam as TrainerAdam  # the optimizer the trainer builds
 
 D, N_HIDDEN = 16, 64
 
@@ -638,7 +639,7 @@ def _copy_run(cli_runs, tmp_path, name="resumed"):
 
 def _interrupt_cli_run(run_dir, monkeypatch, how, step):
     """The 12-step run of CLI_TRAIN, sent the signal how (twice) during the given step; returns the exit status."""
-    real_step, calls = torch.optim.Adam.step, {"n": 0}
+    real_step, calls = TrainerAdam.step, {"n": 0}
 
     def signalling_step(self, *args, **kw):
         calls["n"] += 1
@@ -647,7 +648,7 @@ def _interrupt_cli_run(run_dir, monkeypatch, how, step):
             os.kill(os.getpid(), how)  # a second signal changes nothing
         return real_step(self, *args, **kw)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", signalling_step)
+    monkeypatch.setattr(TrainerAdam, "step", signalling_step)
     code = run_cli([*CLI_TRAIN, "--steps", "12", "--out", str(run_dir)])
     monkeypatch.undo()
     assert calls["n"] == step  # no step after the one the signals came in
@@ -996,3 +997,26 @@ def test_bfloat16_products_train_within_two_percent_of_float32(kind):
         fvus[autocast] = float((x_hat - heldout).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum())
     assert fvus["none"] < 0.75  # it learned something
     assert abs(fvus["bf16"] - fvus["none"]) <= 0.02 * fvus["none"], fvus
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_on_a_transposed_parameter_equals_torchs_adam_on_its_contiguous_copy(amsgrad):
+    """saekit's Adam hands W2 (the transpose of a contiguous tensor) to torch's fused update as its contiguous
+    transpose; the update is element-wise, so three steps must give the bits of torch's Adam on a copy."""
+    g = torch.Generator().manual_seed(0)
+    atoms, bias = torch.randn(40, 6, generator=g), torch.randn(6, generator=g)
+    grads = [torch.randn(40, 6, generator=g) for _ in range(3)]
+    ours = [torch.nn.Parameter(atoms.clone().t()), torch.nn.Parameter(bias.clone())]
+    theirs = [torch.nn.Parameter(atoms.t().contiguous()), torch.nn.Parameter(bias.clone())]
+    assert not ours[0].is_contiguous()
+    settings = dict(lr=0.1, betas=(0.8, 0.99), amsgrad=amsgrad, fused=True)
+    optimizers = TrainerAdam(ours, **settings), torch.optim.Adam(theirs, **settings)
+    for grad in grads:
+        ours[0].grad, theirs[0].grad = grad.t(), grad.t().contiguous()
+        ours[1].grad, theirs[1].grad = grad[0].clone(), grad[0].clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(ours[0].detach(), theirs[0].detach()) and torch.equal(ours[1].detach(), theirs[1].detach())
+    state = optimizers[0].state[ours[0]]
+    assert state["exp_avg"].stride() == ours[0].stride()  # the moments keep the parameter's layout, as saved
+    assert torch.equal(state["exp_avg_sq"], optimizers[1].state[theirs[0]]["exp_avg_sq"])

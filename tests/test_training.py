@@ -17,6 +17,7 @@ from saekit.data.vectors import open_vectors
 from saekit.errors import Diverged, UserError
 from saekit.eval import evaluate
 from saekit.train import Minibatch, OptimConfig, autoencoder_objective, fit, train_lbfgs
+from saekit.train.minibatch import Adam as TrainerAdam  # the optimizer the trainer builds
 
 N_HIDDEN = 9
 
@@ -307,7 +308,7 @@ def test_minibatch_training_lowers_the_cost(x, optimizer, lr):
 def test_minibatch_ctrl_c_stops_at_the_end_of_the_step(x, monkeypatch, signals):
     """Ctrl-C (or SIGTERM, and any further signal) in the middle of step 6: that step is applied
     whole, then training stops. The weights are exactly those of a run of 6 steps."""
-    real_step, calls = torch.optim.Adam.step, {"n": 0}
+    real_step, calls = TrainerAdam.step, {"n": 0}
 
     def signalling_step(self, *args, **kw):  # the signal comes before the sixth step's update
         calls["n"] += 1
@@ -316,7 +317,7 @@ def test_minibatch_ctrl_c_stops_at_the_end_of_the_step(x, monkeypatch, signals):
                 os.kill(os.getpid(), signum)
         return real_step(self, *args, **kw)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", signalling_step)
+    monkeypatch.setattr(TrainerAdam, "step", signalling_step)
     model = make_model(64, N_HIDDEN, seed=0)
     history, interrupted = fit(model, x, _minibatch_cfg(), progress=False)
     assert interrupted and calls["n"] == 6
@@ -334,7 +335,7 @@ def test_minibatch_raw_keyboard_interrupt_propagates(x, monkeypatch):
     def interrupting_step(self, *args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    monkeypatch.setattr(TrainerAdam, "step", interrupting_step)
     with pytest.raises(KeyboardInterrupt):
         fit(make_model(64, N_HIDDEN, seed=0), x, _minibatch_cfg(), progress=False)
 

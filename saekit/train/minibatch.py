@@ -56,7 +56,28 @@ def make_optimizer(params: list, optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
         return torch.optim.SGD(params, lr=optim.lr)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), fused=fused)
+    return Adam(params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), fused=fused)
+
+
+class Adam(torch.optim.Adam):
+    """torch's Adam, handing a parameter stored transposed (W2, the transpose of a contiguous tensor) to the
+    update as its contiguous transpose, with its gradient and moments: the update is element-wise, and torch's
+    fused CPU kernel copies a tensor that is not contiguous (W2's Adam step at width 16,384, d 512: 39 ms
+    against 6). Its state, saved and loaded, is torch's."""
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
+        for i, tensors in enumerate(zip(*columns)):
+            if all(_transposed(t) for t in tensors):
+                for column, t in zip(columns, tensors):
+                    column[i] = t.t()
+        return has_complex
+
+
+def _transposed(t: torch.Tensor) -> bool:
+    """Whether t is the transpose of a contiguous matrix, and not contiguous itself."""
+    return t.ndim == 2 and not t.is_contiguous() and t.t().is_contiguous()
 
 
 class Minibatch:
