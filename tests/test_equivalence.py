@@ -229,6 +229,14 @@ _MOMENTUM = (
     "the TopK family's presets train with Adam's beta1 0.8 and AuxK at weight 1/64, and hold the learning rate "
     "for at most 160 steps (README, 'The default recipe') (0.6.0)"
 )
+_TIES = (
+    "under autocast the codes are selected from the bfloat16 product itself, and of equal pre-activations the "
+    "lower column is kept (bfloat16 products tie often): with each row's codes put in column order, 0.6.0 with "
+    "that tie rule and 0.7.0 give bit-identical weights (0.7.0)"
+)
+_BIAS_PRECISION = (
+    "under autocast the encoder's bias b1 - W1 b2 is computed in the parameters' float32, no longer in bfloat16 (0.7.0)"
+)
 RERECORDED = {
     **dict.fromkeys(
         (
@@ -243,7 +251,8 @@ RERECORDED = {
         ),
         _PHOTOGRAPHS,
     ),
-    **dict.fromkeys(("topk", "topk-autocast-bf16"), "; and ".join((_TOPK_RECIPE, _SCHEDULE, _MOMENTUM))),
+    "topk": "; and ".join((_TOPK_RECIPE, _SCHEDULE, _MOMENTUM)),
+    "topk-autocast-bf16": "; and ".join((_TOPK_RECIPE, _SCHEDULE, _MOMENTUM, _TIES, _BIAS_PRECISION)),
     "batchtopk": "; and ".join((_TOPK_RECIPE, _THRESHOLD, _RAGGED, _SCHEDULE, _MOMENTUM)),
     "batchtopk-sgd-zeros-bias": _THRESHOLD + "; and " + _SCHEDULE,
 }

@@ -1020,3 +1020,17 @@ def test_adam_on_a_transposed_parameter_equals_torchs_adam_on_its_contiguous_cop
     state = optimizers[0].state[ours[0]]
     assert state["exp_avg"].stride() == ours[0].stride()  # the moments keep the parameter's layout, as saved
     assert torch.equal(state["exp_avg_sq"], optimizers[1].state[theirs[0]]["exp_avg_sq"])
+
+
+def test_the_encoder_bias_stays_in_full_precision_under_autocast():
+    """b1 - W1 b2 is a vector: under autocast it is still computed in the parameters' float32 (not from a
+    bfloat16 copy of W1), to float32's precision of the float64 computation."""
+    model = make_model(64, 512, "topk", "linear", dtype=torch.float32, k=8, pre_bias=True)
+    with torch.no_grad():
+        model.b2.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        model.b1.uniform_(-1, 1)
+    expected = model.b1.double() - model.W1.double() @ model.b2.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bias = model.encoder_bias()
+    assert bias.dtype == torch.float32
+    torch.testing.assert_close(bias.double(), expected, rtol=1e-6, atol=1e-6)

@@ -22,17 +22,34 @@ def _case(dtype, n=300, batch=37, d=11, k=7, seed=0):
     return z, W, rows, idx, w
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _stable_topk_columns(z, k):
+    """Each row's k largest entries' columns, ties to the lower column: a stable sort, written independently."""
+    return z.float().sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("k", [1, 7, 300])
 def test_row_topk_keeps_each_rows_k_largest(dtype, k):
     z, *_ = _case(dtype)
     z[3, :] = -torch.inf  # a row of AuxK's masked pre-activations
     z[4, 10:20] = -torch.inf
+    z[5] -= 3  # a row with fewer than k positive entries: negatives are kept, in order
+    z[6] = -z[6].abs()  # no positive entry at all
+    z[7, ::2] = z[7, 1]  # many ties, kept by lower column
+    z[8] = torch.arange(300, 0, -1)  # sorted: the selection's bound is reached only in the first segments
+    z[9] = -0.0
     values, indices = sparse_cpu.row_topk(z, k)
-    expected = z.sort(dim=1, descending=True).values[:, :k]
-    assert torch.equal(values.sort(dim=1, descending=True).values, expected)
+    assert torch.equal(indices.sort(dim=1).values, _stable_topk_columns(z, k))
     assert torch.equal(z.gather(1, indices), values)
-    assert all(len(set(row.tolist())) == k for row in indices)  # k distinct columns
+
+
+def test_row_topk_ranks_nan_above_inf_as_torch_does():
+    z = torch.tensor([[1.0, float("nan"), torch.inf, -torch.inf, 0.0, -1.0]])
+    assert sorted(sparse_cpu.row_topk(z, 2)[1][0].tolist()) == [1, 2]
+    assert sorted(sparse_cpu.row_topk(z, 2)[1][0].tolist()) == sorted(z.topk(2).indices[0].tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,6 +119,18 @@ def test_at_least_lists_each_rows_entries_at_or_above_the_bound_in_column_order(
     assert counts.tolist() == [3, 0, 3]
     assert values.tolist() == [2.0, 1.0, 3.0, 1.0, 1.0, 9.0]
     assert columns.tolist() == [1, 2, 3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("low", [-torch.inf, -1.3, -0.0, 0.0, 0.1, 1.0 / 3, 2.5, torch.inf])
+def test_at_least_matches_a_comparison_in_every_float_dtype(dtype, low):
+    z, *_ = _case(dtype)
+    z[0, :5] = torch.tensor([0.0, -0.0, -torch.inf, torch.inf, 1.0 / 3]).to(dtype)
+    counts, values, columns = at_least(z, low)
+    mask = z.double() >= low  # compared in float64, where low is exact
+    assert counts.tolist() == mask.sum(1).tolist()
+    assert torch.equal(values, z[mask])
+    assert torch.equal(columns, mask.nonzero()[:, 1])
 
 
 def test_sparse_decoding_of_the_torch_fallback_matches_embedding_bag(monkeypatch):

@@ -3,12 +3,13 @@
 Encoding. The one dense product z2 = x W1^T + bias is unavoidable; after the selection of k
 codes per row, only the selected entries carry a gradient, so the encoder's backward pass is
 k-sparse too (see `_SparseEncode`). The product's output buffer is reused from step to step
-(a fresh (batch, n_hidden) array costs page faults every time), and so is the bfloat16 one the
-product writes under autocast (30-60 ms of a 350 ms bfloat16 encoding at width 16,384, batch 4,096).
+(a fresh (batch, n_hidden) array costs page faults every time: 30-60 ms of a 350 ms bfloat16
+encoding at width 16,384, batch 4,096). Under autocast the product is written in the low precision
+and the codes are selected from it directly; only the k codes per row are converted to x's dtype.
 
-On the CPU in float32 or float64, the selection and every k-sparse loop run in compiled code
-(saekit.kernels.sparse_cpu, Numba) several times faster than torch's generic operators;
-elsewhere torch's operators (`topk`, `embedding_bag` and its backward) compute the same.
+On the CPU, the selection (any float dtype) and every k-sparse loop (float32 or float64) run in
+compiled code (saekit.kernels.sparse_cpu, Numba) several times faster than torch's generic
+operators; elsewhere torch's operators (`topk`, `embedding_bag` and its backward) compute the same.
 
 Decoding.
 
@@ -57,8 +58,9 @@ def _product_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 
 
 def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices int64), both (batch, k): each row's k largest entries of z, in no order."""
-    if sparse_cpu.available(z) and k <= sparse_cpu.ROW_TOPK_MAX_K:
+    """(values, indices int64), both (batch, k): each row's k largest entries of z, in no order (of equal
+    entries, the lower columns where the compiled selection serves)."""
+    if sparse_cpu.available(z, dtypes=sparse_cpu.BITS) and z.shape[1] >= sparse_cpu.ROW_TOPK_MIN_ENTRIES_PER_K * k:
         return sparse_cpu.row_topk(z, k)
     return z.topk(k, dim=1, sorted=False)
 
@@ -66,7 +68,7 @@ def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def row_support(mask: torch.Tensor, width: int) -> torch.Tensor:
     """(batch, width) int64: the columns where each row of mask (batch, n) is True, padded with other
     columns (whose codes are then 0); width must be at least the largest count of a row."""
-    if sparse_cpu.available(mask, any_dtype=True):
+    if sparse_cpu.available(mask, dtypes=None):
         return sparse_cpu.row_support(mask, width)
     return mask.to(torch.float32).topk(width, dim=1, sorted=False).indices
 
@@ -74,7 +76,7 @@ def row_support(mask: torch.Tensor, width: int) -> torch.Tensor:
 def at_least(z: torch.Tensor, low: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(counts (batch,), values (nnz,), columns (nnz,) int64): the entries of z (batch, n) at or above low,
     row after row, in column order within a row; counts[b] of them in row b."""
-    if sparse_cpu.available(z):
+    if sparse_cpu.available(z, dtypes=sparse_cpu.BITS):
         return sparse_cpu.at_least(z, low)
     mask = z >= low
     return mask.sum(1), z[mask], mask.nonzero()[:, 1]
@@ -132,18 +134,18 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W1, bias, k, select, dead, aux_k):
         device = x.device.type
-        z2 = _product_buffer(x.shape[0], W1.shape[0], x.dtype, x.device)
-        if torch.is_autocast_enabled(device):  # the one dense product in low precision, the rest in x's dtype
+        if torch.is_autocast_enabled(device):  # the one dense product in low precision, selected from as it is
             low = torch.get_autocast_dtype(device)
-            z2_low = _product_buffer(x.shape[0], W1.shape[0], low, x.device)
-            z2.copy_(torch.addmm(bias.to(low), x.to(low), W1.t().to(low), out=z2_low))
+            z2_out = _product_buffer(x.shape[0], W1.shape[0], low, x.device)
+            z2 = torch.addmm(bias.to(low), x.to(low), W1.t().to(low), out=z2_out)
         else:
-            blas.matmul(x, W1.t(), z2).add_(bias)
+            z2 = blas.matmul(x, W1.t(), _product_buffer(x.shape[0], W1.shape[0], x.dtype, x.device)).add_(bias)
         values, indices, lengths = select(z2) if select is not None else SparseCodes(*row_topk(z2, k))
-        values = values.relu()
+        values = values.to(x.dtype).relu()  # the codes, and all that follows, in x's dtype
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
         if dead is not None and aux_k > 0:
             aux_values, aux_indices = _dead_topk(z2, dead, aux_k)
+            aux_values = aux_values.to(x.dtype)
         ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
         ctx.mark_non_differentiable(indices, aux_indices, *([] if lengths is None else [lengths]))
         return values, indices, lengths, aux_values, aux_indices
