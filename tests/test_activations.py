@@ -142,7 +142,7 @@ def test_auxk_codes_are_the_largest_dead_pre_activations_and_need_dead_units():
     dead[[3, 9, 40]] = True  # fewer dead units than aux_k: all of them, through a ReLU
 
     def encode(dead, aux_k):
-        return sparse_encode(x, model.W1, model.encoder_bias(), K, None, dead, aux_k)
+        return sparse_encode(x, model.W1, model.b1, model.subtracted_b2, K, None, dead, aux_k)
 
     with torch.no_grad():
         codes, aux = encode(dead, 8)
@@ -393,9 +393,9 @@ def test_bfloat16_codes_are_those_of_the_bfloat16_product_and_outlive_the_next_c
     torch.manual_seed(0)
     x, W1, bias = torch.randn(BATCH, D), torch.randn(N_HIDDEN, D), torch.randn(N_HIDDEN)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        first, _ = sparse_encode(x, W1, bias, K)
+        first, _ = sparse_encode(x, W1, bias, None, K)
         kept = _dense(first.values, first.indices).clone()
-        sparse_encode(torch.randn(BATCH, D), W1, bias, K)
+        sparse_encode(torch.randn(BATCH, D), W1, bias, None, K)
     z2 = torch.addmm(bias.bfloat16(), x.bfloat16(), W1.t().bfloat16()).float()
     assert torch.equal(kept, z2.relu() * _topk_mask(z2, K))
     assert torch.equal(_dense(first.values, first.indices), kept)

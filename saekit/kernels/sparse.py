@@ -118,46 +118,52 @@ class SparseCodes(NamedTuple):
 class _SparseEncode(torch.autograd.Function):
     """Encode, select k codes per row, and back-propagate at a cost proportional to k.
 
-    Forward: z2 = x W1^T + bias (the one dense product), then the selection (each row's k largest, or
-    `select(z2)`'s SparseCodes: BatchTopK's rows of different lengths),
-    and optionally the aux_k largest pre-activations of dead units for the AuxK loss. Backward:
-    only the selected z2 entries have a gradient g, so
+    Forward: z2 = (x - b2) W1^T + b1 (the one dense product; b2, the decoder's bias, is subtracted only
+    where given), then the selection (each row's k largest, or `select(z2)`'s SparseCodes: BatchTopK's
+    rows of different lengths), and optionally the aux_k largest pre-activations of dead units for the
+    AuxK loss. Backward: only the selected z2 entries have a gradient g, so with r = x - b2
 
-        dL/dW1[i] = sum over selected (b, j) with index i of g[b, j] * x[b]
-        dL/dbias[i] = sum over selected (b, j) with index i of g[b, j]
+        dL/dW1[i] = sum over selected (b, j) with index i of g[b, j] * r[b]
+        dL/db1[i] = sum over selected (b, j) with index i of g[b, j]
+        dL/db2    = -W1^T dL/db1
 
     which is the weight gradient of an embedding bag (F.embedding_bag with per-sample weights g,
-    fed x as its output gradient): batch * k * n_inputs work instead of batch * n_hidden * n_inputs.
+    fed r as its output gradient): batch * k * n_inputs work instead of batch * n_hidden * n_inputs.
+    (Folding b2 into the bias instead, b1 - W1 b2, would add the outer product of dL/db1 and b2 to W1's
+    gradient: a dense (n_hidden, n_inputs) pass each step.)
     The input's gradient, when asked for, is that bag's forward: sum_j g[b, j] W1[indices[b, j]].
     """
 
     @staticmethod
-    def forward(ctx, x, W1, bias, k, select, dead, aux_k):
+    def forward(ctx, x, W1, b1, b2, k, select, dead, aux_k):
         device = x.device.type
+        rows = x if b2 is None else x - b2  # (batch, n_inputs): what the encoder reads
         if torch.is_autocast_enabled(device):  # the one dense product in low precision, selected from as it is
             low = torch.get_autocast_dtype(device)
             z2_out = _product_buffer(x.shape[0], W1.shape[0], low, x.device)
-            z2 = torch.addmm(bias.to(low), x.to(low), W1.t().to(low), out=z2_out)
+            z2 = torch.addmm(b1.to(low), rows.to(low), W1.t().to(low), out=z2_out)
         else:
-            z2 = blas.matmul(x, W1.t(), _product_buffer(x.shape[0], W1.shape[0], x.dtype, x.device)).add_(bias)
+            z2 = blas.matmul(rows, W1.t(), _product_buffer(x.shape[0], W1.shape[0], x.dtype, x.device)).add_(b1)
         values, indices, lengths = select(z2) if select is not None else SparseCodes(*row_topk(z2, k))
         values = values.to(x.dtype).relu()  # the codes, and all that follows, in x's dtype
         aux_values, aux_indices = values.new_empty(x.shape[0], 0), indices.new_empty(x.shape[0], 0)
         if dead is not None and aux_k > 0:
             aux_values, aux_indices = _dead_topk(z2, dead, aux_k)
             aux_values = aux_values.to(x.dtype)
-        ctx.save_for_backward(x, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
+        ctx.save_for_backward(rows, W1, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1) > 0)
         ctx.mark_non_differentiable(indices, aux_indices, *([] if lengths is None else [lengths]))
         return values, indices, lengths, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, grad_values, _, __, grad_aux, ___):
-        x, W1, indices, active = ctx.saved_tensors
+        rows, W1, indices, active = ctx.saved_tensors
         g = torch.cat([grad_values, grad_aux], 1) * active
-        grad_W1, grad_bias = unit_sums(indices, g, x, W1.shape[0])
+        grad_W1, grad_b1 = unit_sums(indices, g, rows, W1.shape[0])
+        grad_b1 = grad_b1.to(W1.dtype)
+        grad_b2 = -(W1.t() @ grad_b1) if ctx.needs_input_grad[3] else None
         # dL/dx[b] = sum_j g[b, j] W1[indices[b, j]]: a k-sparse decoding (needed only for attribution).
         grad_x = _gather_sum(indices, g, W1) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_W1.to(W1.dtype), grad_bias.to(W1.dtype), None, None, None, None
+        return grad_x, grad_W1.to(W1.dtype), grad_b1, grad_b2, None, None, None, None
 
 
 def _dead_topk(z2: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,9 +208,10 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, None, grad_rows.to(W_rows.dtype) if ctx.needs_input_grad[2] else None, None
 
 
-def sparse_encode(x, W1, bias, k: int, select=None, dead=None, aux_k: int = 0):
-    """(SparseCodes of the selected codes, SparseCodes of the AuxK codes or None). See _SparseEncode."""
-    values, indices, lengths, aux_values, aux_indices = _SparseEncode.apply(x, W1, bias, k, select, dead, aux_k)
+def sparse_encode(x, W1, b1, b2, k: int, select=None, dead=None, aux_k: int = 0):
+    """(SparseCodes of the selected codes, SparseCodes of the AuxK codes or None) of z2 = (x - b2) W1^T + b1
+    (b2 None: x W1^T + b1). See _SparseEncode."""
+    values, indices, lengths, aux_values, aux_indices = _SparseEncode.apply(x, W1, b1, b2, k, select, dead, aux_k)
     aux = SparseCodes(aux_values, aux_indices) if aux_values.shape[1] else None
     return SparseCodes(values, indices, lengths), aux
 

@@ -184,6 +184,11 @@ class SparseAutoencoder(nn.Module):
             return self.b1 - self.W1 @ self.b2
 
     @property
+    def subtracted_b2(self) -> torch.Tensor | None:
+        """b2 where the encoder sees x - b2 (see subtracts_b2), else None: for the k-sparse encoder."""
+        return self.b2 if self.subtracts_b2 else None
+
+    @property
     def subtracts_b2(self) -> bool:
         """Whether the encoder sees x - b2: pre_bias, in an autoencoder (a transcoder's b2 is in y's space)."""
         return self.cfg.pre_bias and not self.transcoder

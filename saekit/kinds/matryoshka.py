@@ -79,7 +79,7 @@ class Matryoshka(BatchTopK):
         cfg = self.cfg
         aux = None
         if self.training:  # BatchTopK's fused k-sparse encoder, with the AuxK codes of dead units
-            h, aux = sparse_encode(x, self.W1, self.encoder_bias(), cfg.k, self.selection(), dead, cfg.aux_k)
+            h, aux = sparse_encode(x, self.W1, self.b1, self.subtracted_b2, cfg.k, self.selection(), dead, cfg.aux_k)
         else:  # the inference threshold: dense codes
             h = self.sparsify(self.pre_activations(x))
         x_hats = self.prefix_reconstructions(h, x)

@@ -75,7 +75,7 @@ class TopK(SparseAutoencoder):
         self, x: torch.Tensor, target: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
     ) -> Output:
         cfg = self.cfg
-        h, aux = sparse_encode(x, self.W1, self.encoder_bias(), cfg.k, self.selection(), dead, cfg.aux_k)
+        h, aux = sparse_encode(x, self.W1, self.b1, self.subtracted_b2, cfg.k, self.selection(), dead, cfg.aux_k)
         x_hat = self.decode(h, x)
         error = self.error(x_hat, x, target)
         auxiliary = None if aux is None else cfg.aux_coefficient * auxk_loss(error.detach(), aux, self.W2)
