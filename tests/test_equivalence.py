@@ -9,8 +9,8 @@ A tensor is recorded by its shape, dtype, the SHA-256 of its bytes and a fingerp
 sum of squares, largest magnitude and four projections on fixed random Gaussian vectors. Equal
 hashes mean bit-identical weights; otherwise every fingerprint number must agree within 1e-6
 of the tensor's scale (the projections are bounded by norm(t - t0) * norm(p) <= sqrt(n) *
-max|t - t0| * norm(p), so this is a relative difference of about 1e-6 per weight). Metrics agree
-within 1e-6 relative.
+max|t - t0| * norm(p), so this is a relative difference of about 1e-6 per weight; 1e-3 for the few
+tensors that float32 L-BFGS fits, FLOAT32_LBFGS). Metrics agree within 1e-6 relative.
 """
 
 import hashlib
@@ -200,6 +200,11 @@ CHANGED = {
     "relu-l1": {"metrics.json:cost", "metrics.json:sparsity"},
 }
 
+# Tensors that float32 L-BFGS fits, by case (the files' prefix), and the relative tolerance they get: its line
+# searches amplify the BLAS's last-bit rounding, which differs between CPU generations. lecture-l1's pre-trained
+# weights agree to 1e-7 between the AMD Zen 4 machine that recorded them and a Zen 5 one, its fine-tuned to 5e-5.
+FLOAT32_LBFGS = {"lecture-l1": ("classifier.safetensors:", 1e-3)}
+
 
 # Cases recorded again since 0.1.0 because their numbers changed on purpose, and why (the rest keep
 # 0.1.0's record). `python tests/test_equivalence.py --record NAME ...` re-records only those named.
@@ -386,8 +391,8 @@ def api_record(name: str) -> dict:
 # --- comparison -------------------------------------------------------------------------------
 
 
-def _close(a: float, b: float, scale: float) -> bool:
-    return math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL * scale) or (math.isnan(a) and math.isnan(b))
+def _close(a: float, b: float, scale: float, rtol: float = RTOL) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * scale) or (math.isnan(a) and math.isnan(b))
 
 
 def assert_matches(name: str, got: dict, want: dict) -> None:
@@ -400,10 +405,13 @@ def assert_matches(name: str, got: dict, want: dict) -> None:
             continue  # bit-identical
         n = math.prod(w["shape"]) or 1
         scale = w["max_abs"]
+        prefix, loose = FLOAT32_LBFGS.get(name, (None, RTOL))
+        rtol = loose if prefix is not None and key.startswith(prefix) else RTOL
         for stat, bound in (("sum", n * scale), ("sum_squares", n * scale * scale), ("max_abs", scale)):
-            assert _close(g[stat], w[stat], bound), f"{name} {key} {stat}: {g[stat]} != {w[stat]}"
+            assert _close(g[stat], w[stat], bound, rtol), f"{name} {key} {stat}: {g[stat]} != {w[stat]}"
         for gp, wp in zip(g["projections"], w["projections"]):
-            assert _close(gp, wp, math.sqrt(n) * scale * math.sqrt(n)), f"{name} {key} projection: {gp} != {wp}"
+            bound = math.sqrt(n) * scale * math.sqrt(n)
+            assert _close(gp, wp, bound, rtol), f"{name} {key} projection: {gp} != {wp}"
     for key, w in want["metrics"].items():
         if key in changed:
             continue

@@ -249,8 +249,8 @@ if nb is not None:
 
 def _bits(z: torch.Tensor) -> tuple[np.ndarray, int]:
     """z's bits as signed integers of its width, and the mask of all bits but the sign (see `_key`)."""
-    bits = z.detach().contiguous().view(BITS[z.dtype])
-    return bits.numpy(), (1 << (8 * bits.element_size() - 1)) - 1
+    bits = _np(z.view(BITS[z.dtype]))
+    return bits, (1 << (8 * bits.itemsize - 1)) - 1
 
 
 def row_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +290,7 @@ def _low_key(low: float, dtype: torch.dtype) -> int:
     if value == 0:
         value = torch.tensor(-0.0, dtype=dtype)
     bits, magnitude = _bits(value)
-    return int(bits) ^ magnitude if bits < 0 else int(bits)
+    return int(_key(bits[()], magnitude))
 
 
 def at_least(z: torch.Tensor, low: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

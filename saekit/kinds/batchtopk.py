@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
@@ -110,8 +111,9 @@ class BatchSelection(nn.Module):
         flat = distributed.all_gather_cat(values)
         threshold = flat.topk(min(n_keep, flat.numel()), sorted=False).values.min()
         keep = (values >= threshold) & (values > 0)
-        rows = torch.repeat_interleave(torch.arange(len(counts), device=z2.device), counts)
-        lengths = torch.bincount(rows[keep], minlength=len(counts))
+        kept_before = F.pad(keep.cumsum(0), (1, 0))  # kept_before[i]: kept candidates before candidate i
+        ends = counts.cumsum(0)
+        lengths = kept_before[ends] - kept_before[ends - counts]
         width = distributed.max_int(max(1, int(lengths.max())))  # at least one (zero) code per row
         with torch.no_grad():
             smallest = threshold.clamp_min(0).to(self.threshold.dtype)
