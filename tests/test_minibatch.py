@@ -8,8 +8,12 @@ resumes, saekit.eval.evaluate_stream, `saekit eval`."""
 import json
 import math
 import os
+import platform
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1034,3 +1038,42 @@ def test_the_encoder_bias_stays_in_full_precision_under_autocast():
         bias = model.encoder_bias()
     assert bias.dtype == torch.float32
     torch.testing.assert_close(bias.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- the memory a step frees is kept for the next ------------------------------------------------
+
+FRESH_BLOCK_FAULTS = """
+import resource, sys, torch
+from saekit.train.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults_of_a_large_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**24)  # 64 MiB, each page written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(3):  # aligned blocks fit the freed ones once these have merged: a step's worth of warm-up
+    faults_of_a_large_block()
+print(faults_of_a_large_block())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory changes glibc's malloc only")
+def test_kept_memory_spares_the_page_faults_of_a_large_block_allocated_again():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FRESH_BLOCK_FAULTS, mode], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    pages = 2**26 // resource.getpagesize()
+    default, kept = faults("default"), faults("keep")
+    if default < pages // 2:
+        pytest.skip(f"the system maps this block in large pages ({default} page faults): nothing to spare")
+    assert kept < pages // 100, (default, kept)
+
+
+def test_training_on_the_cpu_keeps_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr("saekit.train.minibatch.keep_freed_memory", lambda: calls.append(1))
+    cfg = _cfg("topk")
+    _trainer(_data(), cfg).run(progress=False)
+    assert calls == [1]

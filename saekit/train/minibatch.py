@@ -29,6 +29,7 @@ from ..kernels.sparse import SparseCodes
 from ..kinds import SparseAutoencoder
 from .config import AUTOCAST, OptimConfig
 from .control import StepBoundaryStop, progress_bar
+from .memory import keep_freed_memory
 
 STATISTICS_ROWS = 65536  # rows read to estimate the input scale and the mean
 DIVERGENCE_FACTOR = 1e6  # a loss this many times the first step's means the run diverged
@@ -251,6 +252,8 @@ class Minibatch:
 
     def start(self) -> None:
         """Before the first step of this run (or of a resumed one)."""
+        if self.model.W1.device.type == "cpu":
+            keep_freed_memory()
         if self.optim.normalize_decoder and self.step == 0:
             self.model.normalize_decoder_()
         self.model.train()
