@@ -1,3 +1,3 @@
 """saekit: sparse autoencoders, from UFLDL's sigmoid autoencoder to TopK dictionaries."""
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
