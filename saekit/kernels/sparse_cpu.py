@@ -26,7 +26,7 @@ memory bandwidth. The loops here do the same arithmetic with one pass over the d
 
 The two selections read any float dtype (bfloat16 too, as autocast's product is written) through
 its bits: read as integers, with a negative value's magnitude bits flipped, they order like the
-values (`_key`).
+values (`_ordering_key`).
 
 The sums take contiguous float32 or float64 NumPy views of CPU tensors (no copy); all run on the
 threads torch uses. `available()` says whether Numba is installed; where it is not, or for
@@ -49,7 +49,7 @@ except ImportError:  # the callers fall back to torch's operators
 ROW_TOPK_MIN_ENTRIES_PER_K = 16
 FAST = {"reassoc", "contract", "arcp"}  # sums may be reordered (as BLAS and torch do); NaN and inf stay exact
 DTYPES = (torch.float32, torch.float64)
-# The selections compare floats by their bits read as integers of the same width (see `_key`): any float dtype.
+# The selections compare floats by their bits read as integers of the same width (see `_ordering_key`): any float dtype.
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -68,14 +68,15 @@ def _threads() -> None:
     nb.set_num_threads(min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
 
 
-if nb is not None:
+def _ordering_key(bits, magnitude):
+    """An integer that orders like the float whose bits these are: a negative float's magnitude bits
+    are flipped (sign and magnitude to two's complement); magnitude masks all bits but the sign."""
+    v = np.int64(bits)
+    return v ^ ((v >> 63) & magnitude)
 
-    @nb.njit(inline="always")
-    def _key(bits, magnitude):
-        """An integer that orders like the float whose bits these are: a negative float's magnitude bits
-        are flipped (sign and magnitude to two's complement); magnitude masks all bits but the sign."""
-        v = np.int64(bits)
-        return v ^ ((v >> 63) & magnitude)
+
+if nb is not None:
+    _key = nb.njit(inline="always")(_ordering_key)  # compiled into the loops below; Python calls the original
 
     @nb.njit(inline="always")
     def _ranks_below(key_a, col_a, key_b, col_b):
@@ -248,7 +249,7 @@ if nb is not None:
 
 
 def _bits(z: torch.Tensor) -> tuple[np.ndarray, int]:
-    """z's bits as signed integers of its width, and the mask of all bits but the sign (see `_key`)."""
+    """z's bits as signed integers of its width, and the mask of all bits but the sign (see `_ordering_key`)."""
     bits = _np(z.view(BITS[z.dtype]))
     return bits, (1 << (8 * bits.itemsize - 1)) - 1
 
@@ -283,14 +284,14 @@ def unit_sums(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, n: int) ->
 
 
 def _low_key(low: float, dtype: torch.dtype) -> int:
-    """The key (see `_key`) of the smallest value of dtype at or above low; for 0, that of -0 (-0 >= 0)."""
+    """The key (see `_ordering_key`) of the smallest value of dtype at or above low; for 0, that of -0 (-0 >= 0)."""
     value = torch.tensor(low, dtype=dtype)
     if float(value) < low:
         value = torch.nextafter(value, torch.tensor(math.inf, dtype=dtype))
     if value == 0:
         value = torch.tensor(-0.0, dtype=dtype)
     bits, magnitude = _bits(value)
-    return int(_key(bits[()], magnitude))
+    return int(_ordering_key(bits[()], magnitude))
 
 
 def at_least(z: torch.Tensor, low: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
