@@ -21,7 +21,6 @@ and exits with status 2, without a usage block or traceback.
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 import typing
 
@@ -43,7 +42,7 @@ from .run import RESUMABLE, Interrupted, RunFolder, resume_run, train_run, write
 from .run.folder import EVAL
 from .run.sweep import is_sweep, parse_sweep, resume_sweep, sweep_configs, train_sweep
 from .settings import dashed, field_docs, value_type
-from .train.control import STOP_SIGNALS
+from .train.control import stop_is_final
 from .viz.browser import browse
 from .viz.report import save_density_png
 
@@ -408,7 +407,8 @@ def cmd_train(args) -> int:
     # Under torchrun, join the other processes first: only the first one writes the run folder.
     distributed.init_from_environment(settings.get("device", "cpu"))
     try:
-        code = _train(args, settings)
+        with stop_is_final():
+            code = _train(args, settings)
     except BaseException:
         distributed.shutdown(None)
         raise
@@ -450,8 +450,6 @@ def _report_sweep(result) -> int:
 
 def _report(result) -> int:
     if result.interrupted:
-        for s in STOP_SIGNALS:  # the run is saved: a further Ctrl-C has nothing left to stop
-            signal.signal(s, signal.SIG_IGN)
         print(f"interrupted at a checkpoint; continue with: saekit train --resume {result.folder}", file=sys.stderr)
         return 130
     print(", ".join(f"{k} {result.metrics[k]:.6g}" for k in REPORTED if k in result.metrics))

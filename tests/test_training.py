@@ -3,6 +3,7 @@ J (the sigmoid kind's closed form and autograd of the kinds' forward passes) agr
 matches our own cost, Ctrl-C or SIGTERM stops at the end of an iteration or step (a raw KeyboardInterrupt
 propagates, the last accepted point restored), divergence is refused, and a seed fixes the result."""
 
+import contextlib
 import os
 import signal
 import warnings
@@ -17,6 +18,7 @@ from saekit.data.vectors import open_vectors
 from saekit.errors import Diverged, UserError
 from saekit.eval import evaluate
 from saekit.train import Minibatch, OptimConfig, autoencoder_objective, fit, train_lbfgs
+from saekit.train.control import StepBoundaryStop, stop_is_final
 from saekit.train.minibatch import Adam as TrainerAdam  # the optimizer the trainer builds
 
 N_HIDDEN = 9
@@ -409,3 +411,18 @@ def test_evaluate_against_our_own_numbers(x):
     assert metrics["rho_hat_std"] == pytest.approx(rho_hat.std(ddof=1), rel=1e-10)
     assert metrics["mse"] == pytest.approx(((X_hat - X) ** 2).mean(), rel=1e-12)
     assert metrics["fvu"] == pytest.approx(((X_hat - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_stop_the_process_ends_with_leaves_the_signals_ignored_after_its_block(final, stopped):
+    """The command line ends its process after a heeded stop: a second Ctrl-C right after the block must not
+    raise KeyboardInterrupt while it reports the saved run. Elsewhere the handlers come back as they were."""
+    before = signal.getsignal(signal.SIGINT)  # conftest restores the handlers after the test
+    with stop_is_final() if final else contextlib.nullcontext():
+        with StepBoundaryStop() as stop:
+            if stopped:
+                os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested is stopped
+        after = signal.getsignal(signal.SIGINT)
+    assert after is (signal.SIG_IGN if final and stopped else before)

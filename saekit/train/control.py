@@ -1,5 +1,6 @@
 """What long training shows and how it stops: a progress bar, and Ctrl-C or SIGTERM at a step boundary."""
 
+import contextlib
 import signal
 import threading
 
@@ -25,6 +26,7 @@ class StepBoundaryStop:
     """
 
     active: "StepBoundaryStop | None" = None  # the outermost block in effect
+    final = False  # within `stop_is_final()`: after a requested stop, the stop signals stay ignored
 
     def __enter__(self) -> "StepBoundaryStop":
         outer = StepBoundaryStop.active
@@ -45,8 +47,20 @@ class StepBoundaryStop:
         if StepBoundaryStop.active is self:
             StepBoundaryStop.active = None
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.requested and StepBoundaryStop.final else handler)
         return False
+
+
+@contextlib.contextmanager
+def stop_is_final():
+    """Within this block, a stop that a block of StepBoundaryStop heeded ends the process: the stop signals
+    stay ignored after that block, as the process reports the saved run and exits, rather than raising
+    KeyboardInterrupt in the middle of the report (a further Ctrl-C has nothing left to stop)."""
+    StepBoundaryStop.final = True
+    try:
+        yield
+    finally:
+        StepBoundaryStop.final = False
 
 
 class TermAsInterrupt:
